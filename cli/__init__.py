@@ -1,0 +1,1 @@
+"""The `tf-emnist` command line: parses arguments and dispatches to the library."""

@@ -1,0 +1,151 @@
+"""`tf-emnist`: parse, dispatch, and turn expected failures into one-line errors."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from tf_emnist.config import FIELDS, TrainConfig, coerce, read_config_file
+
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _typed(name: str):
+    def parse(text: str):
+        try:
+            return coerce(name, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = FIELDS[name].type if isinstance(FIELDS[name].type, str) else name
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser, *, skip=("task",)) -> None:
+    """One flag per TrainConfig field (`hidden_dim` -> `--hidden-dim`), unset unless given."""
+    from tf_emnist.tasks import TASKS
+
+    parser.add_argument("--task", choices=list(TASKS), default=argparse.SUPPRESS,
+                        help="what to classify (default: the --config file's, else merged)")
+    group = parser.add_argument_group("settings (each defaults to the task's preset)")
+    for name, field in FIELDS.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = field.metadata["help"]
+        if isinstance(field.default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(flag, type=_typed(name), default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Task preset <- --config file <- command-line flags."""
+    from tf_emnist.tasks import get_task
+
+    given = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
+    task = get_task(given.get("task") or from_file.get("task") or "merged")
+    settings = {**from_file, **given, "task": task.name}
+    for name in ("data_dir", "tfds_dir"):  # absolute, so the run's config works from any directory
+        if settings.get(name):
+            settings[name] = os.path.abspath(os.path.expanduser(settings[name]))
+    return task.preset.replace(**settings)
+
+
+def cmd_train(args) -> int:
+    from tf_emnist.train import default_run_dir, train_and_evaluate
+
+    config = resolve_config(args)
+    run_dir = args.output or default_run_dir(config)
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    metrics = train_and_evaluate(config, run_dir)
+    _print_summary(metrics, run_dir)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from tf_emnist.evaluate import evaluate_run
+
+    metrics = evaluate_run(args.run_dir, limit_test=args.limit_test, data_dir=args.data_dir)
+    _print_summary(metrics, args.run_dir)
+    return 0
+
+
+def _print_summary(metrics: dict, run_dir: str) -> None:
+    print(f"{metrics['task']}: test accuracy {metrics['test_accuracy']:.4%} "
+          f"({metrics['test_examples'] - metrics['test_errors']}/{metrics['test_examples']}), "
+          f"test loss {metrics['test_loss']:.4f}")
+    if "digit_letter_accuracy" in metrics:
+        print(f"  collapsed to digit/letter: {metrics['digit_letter_accuracy']:.4%}")
+    if metrics.get("train_seconds"):
+        print(f"  training time {metrics['train_seconds'] / 60:.1f} min, best validation accuracy "
+              f"{metrics['best_val_accuracy']:.4%} (epoch {metrics['best_epoch']})")
+    print("  top confusions (true -> predicted: count): " +
+          ", ".join(f"{t}->{p}: {n}" for t, p, n in metrics["top_confusions"][:5]))
+    print(f"  outputs in {run_dir}")
+
+
+def cmd_tasks(args) -> int:
+    from tf_emnist.tasks import TASKS
+
+    for task in TASKS.values():
+        p = task.preset
+        print(f"{task.name:13} {task.tfds_name:16} {task.num_classes:3} classes  "
+              f"preset: {p.num_layers} x {p.hidden_dim} LSTM, {p.epochs} epochs")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="tf-emnist", description="Stacked-LSTM handwritten character recognition on EMNIST.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    train = sub.add_parser("train", help="train a task, then evaluate it on the test split",
+                           description="Train, validate each epoch, evaluate the best model on the test split. "
+                                       "Rerunning the same command resumes an interrupted run.")
+    train.add_argument("--config", metavar="JSON", help="settings file (e.g. a tune run's best_config.json); flags override it")
+    train.add_argument("--output", metavar="DIR", help="run directory (default: runs/<task>-<timestamp>, "
+                                                       "or the unfinished run of the same settings)")
+    add_config_flags(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a run directory's model on the test split")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--data-dir", help="read the test split from this NIST folder instead of the run's source")
+    evaluate.add_argument("--limit-test", type=_typed("limit_test"), help="evaluate on the first N test images")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    tasks = sub.add_parser("tasks", help="list the tasks and their presets")
+    tasks.set_defaults(func=cmd_tasks)
+    return parser
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    from tf_emnist.nist import DataError
+    from tf_emnist.train import RunDirError
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"\n{parser.prog}: interrupted; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, DataError, RunDirError, FileNotFoundError, FileExistsError) as e:
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The run configuration: one frozen dataclass, one name per hyperparameter everywhere."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+
+def _field(default, help: str, *, hyper: bool = False):
+    return dataclasses.field(default=default, metadata={"help": help, "hyper": hyper})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run. The defaults are the study's merged preset.
+
+    Fields marked `hyper` are the model's hyperparameters (also the keras-tuner names);
+    the rest choose the data and the run's bookkeeping. The CLI flag of `hidden_dim` is
+    `--hidden-dim`, and the same name is the key in config.json and best_config.json.
+    """
+
+    task: str = _field("merged", "task name (see `tf-emnist tasks`)")
+    # -- the model and its optimisation (the study's values)
+    hidden_dim: int = _field(256, "LSTM units per layer", hyper=True)
+    num_layers: int = _field(3, "stacked LSTM layers", hyper=True)
+    dropout: float = _field(0.2, "dropout rate on the last LSTM output", hyper=True)
+    learning_rate: float = _field(1e-3, "Adam(W) learning rate", hyper=True)
+    batch_size: int = _field(256, "global batch size", hyper=True)
+    epochs: int = _field(7, "training epochs", hyper=True)
+    seed: int = _field(0, "seed for weights, shuffling, validation carve-out and dropout")
+    # -- levers beyond the study; off by default, so the defaults stay the study's
+    bidirectional: bool = _field(False, "wrap each LSTM in Bidirectional", hyper=True)
+    augment: float = _field(0.0, "random affine augmentation strength (0 = off; 1 = +-10 deg, +-10%% shift/scale)", hyper=True)
+    label_smoothing: float = _field(0.0, "label smoothing of the cross-entropy", hyper=True)
+    weight_decay: float = _field(0.0, "decoupled weight decay (AdamW when > 0)", hyper=True)
+    lr_schedule: str = _field("constant", "learning-rate schedule: constant or cosine (1 epoch warm-up)", hyper=True)
+    clipnorm: float = _field(0.0, "clip each gradient to this norm (0 = off)", hyper=True)
+    # -- data
+    data_dir: str | None = _field(None, "offline data: a folder with the NIST EMNIST gzip files (or gzip.zip)")
+    tfds_dir: str | None = _field(None, "tensorflow-datasets data dir (default: tfds's own, ~/tensorflow_datasets)")
+    validation_split: float = _field(0.1, "fraction of train held out for validation (seeded, disjoint)")
+    limit_train: int | None = _field(None, "use only the first N train images (quick runs)")
+    limit_test: int | None = _field(None, "evaluate on the first N test images only (quick runs)")
+    upright: bool = _field(True, "transpose the stored images so the time steps are the upright rows")
+    # -- execution
+    log_every: int = _field(1000, "print and record the batch loss every N steps")
+    deterministic: bool = _field(False, "enable TensorFlow op determinism (slower; bit-exact reruns)")
+    jit_compile: bool = _field(False, "compile the train step with XLA")
+    mixed_precision: bool = _field(False, "train in float16 (GPU) with float32 logits and loss")
+    strategy: str = _field("default", "distribution: default or mirrored (all local GPUs)")
+
+    def __post_init__(self):
+        problems = []
+        for name in ("hidden_dim", "num_layers", "batch_size", "epochs", "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        for name in ("limit_train", "limit_test"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append("dropout must be in [0, 1)")
+        if not 0.0 < self.validation_split < 1.0:
+            problems.append("validation_split must be in (0, 1)")
+        if not self.learning_rate > 0:
+            problems.append("learning_rate must be > 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            problems.append("label_smoothing must be in [0, 1)")
+        for name in ("augment", "weight_decay", "clipnorm"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0")
+        if self.lr_schedule not in ("constant", "cosine"):
+            problems.append("lr_schedule must be 'constant' or 'cosine'")
+        if self.strategy not in ("default", "mirrored"):
+            problems.append("strategy must be 'default' or 'mirrored'")
+        if problems:
+            raise ValueError("invalid config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+HYPERPARAMETERS = tuple(name for name, f in FIELDS.items() if f.metadata["hyper"])
+
+
+def check_keys(values: dict, source: str) -> None:
+    """Raise a one-line error when `values` names something that is not a config field."""
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}"
+        )
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert a JSON or command-line value to the type of field `name`."""
+    default = FIELDS[name].default
+    if value is None:
+        return None
+    kind = type(default) if default is not None else (int if name.startswith("limit") else str)
+    if kind is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{name}: expected true or false, got {value!r}")
+        return bool(value)
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected {kind.__name__}, got {value!r}") from None
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Settings from a JSON file (config.json or best_config.json), checked and typed."""
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {path} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a JSON object of settings")
+    check_keys(values, str(path))
+    return {k: coerce(k, v) for k, v in values.items()}

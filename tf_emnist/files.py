@@ -1,0 +1,50 @@
+"""Atomic writes: a reader never sees half a file, an interrupted write loses nothing."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, directory: bool = False):
+    """Yield a temporary sibling of `path`; on success rename it onto `path`.
+
+    A failure (or Ctrl-C) removes the temporary and leaves `path` as it was.
+    """
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    prefix = f".{os.path.basename(path)}.tmp-"
+    if directory:
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, dir=parent, suffix=os.path.splitext(path)[1])
+        os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def read_json(path: str | os.PathLike):
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_figure(figure, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=120, bbox_inches="tight")

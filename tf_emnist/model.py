@@ -1,0 +1,137 @@
+"""The stacked-LSTM classifier: the one definition of the architecture and its optimiser."""
+from __future__ import annotations
+
+import functools
+import math
+
+from tf_emnist.config import TrainConfig
+
+TIME_STEPS = FEATURES = 28
+
+
+def build_model(config: TrainConfig, num_classes: int):
+    """Input (28, 28) -> LSTM x num_layers -> Dropout -> Dense(num_classes) logits.
+
+    The LSTMs keep Keras's defaults (tanh/sigmoid, no recurrent dropout, no unroll), which
+    is what selects the cuDNN kernel on a GPU.
+    """
+    import keras
+
+    dtype = mixed_precision_policy() if config.mixed_precision else None
+    layers = [keras.Input((TIME_STEPS, FEATURES), name="rows")]
+    for i in range(config.num_layers):
+        lstm = keras.layers.LSTM(
+            config.hidden_dim, return_sequences=i < config.num_layers - 1, dtype=dtype, name=f"lstm_{i}"
+        )
+        layers.append(keras.layers.Bidirectional(lstm, name=f"bilstm_{i}") if config.bidirectional else lstm)
+    layers += [
+        keras.layers.Dropout(config.dropout, dtype=dtype, name="dropout"),
+        # float32 logits even under mixed precision, so the softmax/loss stay stable
+        keras.layers.Dense(num_classes, dtype="float32", name="logits"),
+    ]
+    return keras.Sequential(layers, name=f"{config.task.replace('-', '_')}_lstm")
+
+
+def mixed_precision_policy() -> str:
+    """float16 on a GPU (tensor cores), bfloat16 on a CPU (no loss scaling needed)."""
+    import tensorflow as tf
+
+    return "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+
+
+def compile_model(model, config: TrainConfig, steps_per_epoch: int = 1, *, track_batch_loss: bool = False):
+    """Adam (AdamW when weight_decay > 0), cross-entropy from logits, accuracy.
+
+    `track_batch_loss` adds the metric `batch_loss`: the latest batch's loss, for the
+    step log (Keras's `loss` is the epoch's running mean).
+    """
+    import keras
+
+    learning_rate = config.learning_rate
+    if config.lr_schedule == "cosine":
+        total = max(1, config.epochs * steps_per_epoch)
+        warmup = min(steps_per_epoch, total // 2)
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else config.learning_rate, decay_steps=total - warmup,
+            warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup,
+        )
+    clip = {"clipnorm": config.clipnorm} if config.clipnorm > 0 else {}
+    if config.weight_decay > 0:
+        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay, **clip)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate, **clip)
+    if config.mixed_precision and mixed_precision_policy() == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    if config.label_smoothing > 0:
+        # Label smoothing needs one-hot targets; the data stays sparse, so smooth in the loss.
+        loss = _smoothed_loss_class()(config.label_smoothing, model.output_shape[-1])
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    metrics = ["accuracy"] + ([_batch_loss_class()(loss)] if track_batch_loss else [])
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=config.jit_compile)
+    return model
+
+
+def lstm_parameter_count(input_dim: int, hidden_dim: int) -> int:
+    """Weights of one Keras LSTM layer: 4 gates x (input + recurrent kernels + one bias)."""
+    return 4 * (hidden_dim * (input_dim + hidden_dim) + hidden_dim)
+
+
+def expected_parameter_count(config: TrainConfig, num_classes: int) -> int:
+    """Parameter count of build_model(config, num_classes), from the formula."""
+    directions = 2 if config.bidirectional else 1
+    total, width = 0, FEATURES
+    for _ in range(config.num_layers):
+        total += directions * lstm_parameter_count(width, config.hidden_dim)
+        width = directions * config.hidden_dim
+    return total + width * num_classes + num_classes
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    return math.ceil(num_examples / batch_size)
+
+
+@functools.cache
+def _smoothed_loss_class():
+    import keras
+
+    @keras.saving.register_keras_serializable(package="tf_emnist")
+    class SmoothedSparseCrossEntropy(keras.losses.Loss):
+        """Sparse labels, smoothed: cross-entropy against (1 - e) one-hot + e / classes."""
+
+        def __init__(self, label_smoothing=0.1, num_classes=2, name="smoothed_sparse_ce", **kwargs):
+            super().__init__(name=name, **kwargs)
+            self.label_smoothing, self.num_classes = label_smoothing, num_classes
+
+        def call(self, y_true, y_pred):
+            one_hot = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, [-1]), "int32"), self.num_classes)
+            return keras.losses.categorical_crossentropy(
+                one_hot, y_pred, from_logits=True, label_smoothing=self.label_smoothing
+            )
+
+        def get_config(self):
+            return {**super().get_config(), "label_smoothing": self.label_smoothing, "num_classes": self.num_classes}
+
+    return SmoothedSparseCrossEntropy
+
+
+
+@functools.cache
+def _batch_loss_class():
+    import keras
+
+    class BatchLoss(keras.metrics.Metric):
+        """The loss of the latest batch, in training mode (what the study logged)."""
+
+        def __init__(self, loss_fn, name="batch_loss", **kwargs):
+            super().__init__(name=name, **kwargs)
+            self.loss_fn = loss_fn
+            self.value = self.add_variable(shape=(), initializer="zeros", name="value", aggregation="mean")
+
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            self.value.assign(keras.ops.cast(self.loss_fn(y_true, y_pred), self.dtype))
+
+        def result(self):
+            return self.value
+
+    return BatchLoss

@@ -1,0 +1,81 @@
+"""The task table: every fact about a task (data, labels, preset), kept once as data."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from tf_emnist.config import TrainConfig
+
+BYMERGE_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabdefghnqrt"
+BYCLASS_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+DIGIT_CHARS = "0123456789"
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One classification task over one EMNIST split.
+
+    `source_chars[i]` is the character of the split's label i (the NIST mapping file).
+    `class_of_source` maps a source label to the task's class id (None: identity);
+    `class_names` names the task's classes.
+    """
+
+    name: str
+    split: str  # EMNIST split: tfds config name and the NIST file prefix
+    source_chars: str
+    class_names: tuple[str, ...]
+    preset: TrainConfig
+    class_of_source: tuple[int, ...] | None = None
+
+    @property
+    def tfds_name(self) -> str:
+        return f"emnist/{self.split}"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def map_labels(self, source_labels: np.ndarray) -> np.ndarray:
+        """Source split labels -> this task's class ids (int32)."""
+        labels = np.asarray(source_labels, dtype=np.int32)
+        if self.class_of_source is None:
+            return labels
+        return np.asarray(self.class_of_source, dtype=np.int32)[labels]
+
+
+def _chars_task(name: str, split: str, chars: str, preset: TrainConfig) -> Task:
+    return Task(name, split, chars, tuple(chars), preset)
+
+
+_STUDY = TrainConfig()  # the study's merged preset: 3 x 256 LSTM, 7 epochs
+_SMALL = dataclasses.replace(_STUDY, hidden_dim=128, epochs=8)  # the study's digit-letter preset
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        _chars_task("merged", "bymerge", BYMERGE_CHARS, dataclasses.replace(_STUDY, task="merged")),
+        Task(
+            "digit-letter",
+            "bymerge",
+            BYMERGE_CHARS,
+            ("digit", "letter"),
+            dataclasses.replace(_SMALL, task="digit-letter"),
+            class_of_source=tuple(0 if c.isdigit() else 1 for c in BYMERGE_CHARS),
+        ),
+        # Other EMNIST splits: one entry each. (emnist/letters is left out: its labels
+        # start at 1 with an unused class 0, which needs more than a table row.)
+        _chars_task("balanced", "balanced", BYMERGE_CHARS, dataclasses.replace(_STUDY, task="balanced")),
+        _chars_task("byclass", "byclass", BYCLASS_CHARS, dataclasses.replace(_STUDY, task="byclass")),
+        _chars_task("digits", "digits", DIGIT_CHARS, dataclasses.replace(_SMALL, task="digits")),
+        _chars_task("mnist", "mnist", DIGIT_CHARS, dataclasses.replace(_SMALL, task="mnist")),
+    ]
+}
+
+
+def get_task(name: str) -> Task:
+    """The task called `name`, or a one-line error listing the known tasks."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}") from None

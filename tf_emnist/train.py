@@ -1,0 +1,225 @@
+"""Training: run directories, Keras callbacks, resume, and train_and_evaluate."""
+from __future__ import annotations
+
+import csv
+import datetime
+import glob
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+
+from tf_emnist.config import TrainConfig
+from tf_emnist.files import atomic_path, read_json, save_figure, write_json
+from tf_emnist.tasks import get_task
+
+log = logging.getLogger("tf_emnist")
+
+CONFIG, STATE, STEPS, HISTORY, MODEL = "config.json", "train_state.json", "steps.csv", "history.csv", "model.keras"
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used for this run (message: one line)."""
+
+
+def default_run_dir(config: TrainConfig, runs_root: str = "runs") -> str:
+    """The newest unfinished run of this exact config under runs_root (to resume), else a new one."""
+    for path in sorted(glob.glob(os.path.join(runs_root, f"{config.task}-*")), reverse=True):
+        if _same_config(path, config) and not os.path.exists(os.path.join(path, "metrics.json")):
+            return path
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join(runs_root, f"{config.task}-{stamp}")
+
+
+def _same_config(run_dir: str, config: TrainConfig) -> bool:
+    try:
+        return read_json(os.path.join(run_dir, CONFIG)) == config.to_dict()
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def prepare_run_dir(run_dir: str, config: TrainConfig) -> bool:
+    """Create run_dir for config, or check that it holds the same unfinished run.
+
+    Returns True when resuming. Never deletes or overwrites anything of another run.
+    """
+    config_path = os.path.join(run_dir, CONFIG)
+    if os.path.exists(config_path):
+        if not _same_config(run_dir, config):
+            raise RunDirError(
+                f"{run_dir} holds another run (its config.json differs); pass a new --output, or rerun with that run's settings to resume it"
+            )
+        if os.path.exists(os.path.join(run_dir, "metrics.json")):
+            raise RunDirError(
+                f"{run_dir} already holds this finished run; see its metrics.json, or pass a new --output to train again"
+            )
+        return True
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise RunDirError(f"{run_dir} is not empty and holds no tf-emnist run; pass a new or empty --output")
+    os.makedirs(run_dir, exist_ok=True)
+    write_json(config_path, config.to_dict())
+    return False
+
+
+def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int):
+    import keras
+
+    class StepLossLogger(keras.callbacks.Callback):
+        """Every `every` steps: print and record the batch loss and the best batch loss so far."""
+
+        def __init__(self):
+            super().__init__()
+            self.path = os.path.join(run_dir, STEPS)
+            self.rows = []
+            self.best = float("inf")
+            self.epoch = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if self.epoch is None:  # first epoch of this process: drop rows an interrupted epoch left
+                self.rows = [r for r in _read_csv(self.path) if int(r["step"]) <= epoch * steps_per_epoch]
+                self.best = keep_best.state.get("best_batch_loss") or float("inf")
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = float(logs["batch_loss"])
+            self.best = min(self.best, loss)
+            step = self.epoch * steps_per_epoch + batch + 1
+            if step % config.log_every == 0:
+                self.rows.append({"step": step, "epoch": self.epoch + 1, "loss": loss, "best_loss": self.best})
+                print(f"\nstep {step}: batch loss {loss:.4f}, best batch loss {self.best:.4f}", flush=True)
+                _write_csv(self.path, self.rows)
+
+    class KeepBest(keras.callbacks.Callback):
+        """Save model.keras (atomically) when validation accuracy improves; keep time and best in train_state.json."""
+
+        def __init__(self):
+            super().__init__()
+            self.path = os.path.join(run_dir, STATE)
+            self.state = read_json(self.path) if os.path.exists(self.path) else {
+                "best_val_accuracy": None, "best_epoch": None, "best_batch_loss": None,
+                "train_seconds": 0.0, "finished": False,
+            }
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.state["train_seconds"] += time.perf_counter() - self.started
+            self.state["best_batch_loss"] = step_logger.best
+            val = float(logs["val_accuracy"])
+            best = self.state["best_val_accuracy"]
+            if best is None or val > best:
+                self.state.update(best_val_accuracy=val, best_epoch=epoch + 1)
+                with atomic_path(os.path.join(run_dir, MODEL)) as tmp:
+                    self.model.save(tmp)
+            write_json(self.path, self.state)
+
+    keep_best = KeepBest()
+    step_logger = StepLossLogger()
+    return [
+        step_logger,
+        keep_best,
+        keras.callbacks.CSVLogger(os.path.join(run_dir, HISTORY), append=True),
+        keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), update_freq="epoch"),
+        # Last, so a backup marks an epoch whose other outputs are already on disk.
+        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup"), double_checkpoint=True),
+    ]
+
+
+def _read_csv(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_history(run_dir: str) -> list[dict]:
+    """history.csv, one row per epoch (a row repeated by a resume keeps its last copy)."""
+    by_epoch = {int(r["epoch"]): r for r in _read_csv(os.path.join(run_dir, HISTORY))}
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def distribution_strategy(name: str):
+    """tf.distribute strategy: the default one, or MirroredStrategy over the local GPUs (else CPUs)."""
+    import tensorflow as tf
+
+    if name == "default":
+        return tf.distribute.get_strategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+    return tf.distribute.MirroredStrategy(devices=devices)
+
+
+def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> dict:
+    """Train config into run_dir (resuming an interrupted run there); returns train_state.json."""
+    import keras
+    import tensorflow as tf
+
+    from tf_emnist.data import load_split, make_dataset, split_validation
+    from tf_emnist.model import build_model, compile_model
+    from tf_emnist.model import steps_per_epoch as count_steps
+
+    task = get_task(config.task)
+    resuming = prepare_run_dir(run_dir, config)
+    state_path = os.path.join(run_dir, STATE)
+    if os.path.exists(state_path) and read_json(state_path).get("finished"):
+        return read_json(state_path)
+    if resuming:
+        log.info("resuming the run in %s", run_dir)
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+    images, labels = load_split(task, "train", config)
+    train_x, train_y, val_x, val_y = split_validation(images, labels, config.validation_split, config.seed)
+    del images, labels
+    strategy = distribution_strategy(config.strategy)
+    global_batch = config.batch_size * strategy.num_replicas_in_sync
+    train_ds = make_dataset(train_x, train_y, global_batch, training=True, seed=config.seed,
+                            upright=config.upright, augment=config.augment)
+    val_ds = make_dataset(val_x, val_y, global_batch, training=False, upright=config.upright)
+    steps = count_steps(len(train_y), global_batch)
+    log.info("%s: %d train / %d validation images, %d steps an epoch, %d replica(s)",
+             task.name, len(train_y), len(val_y), steps, strategy.num_replicas_in_sync)
+
+    with strategy.scope():
+        model = compile_model(build_model(config, task.num_classes), config, steps, track_batch_loss=True)
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2
+    model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, verbose=verbose,
+              callbacks=_callbacks(run_dir, config, steps))
+
+    state = read_json(state_path)
+    state.update(finished=True, train_examples=int(len(train_y)), validation_examples=int(len(val_y)))
+    write_json(state_path, state)
+    write_training_plots(run_dir)
+    return state
+
+
+def write_training_plots(run_dir: str) -> None:
+    from tf_emnist.plots import plot_epochs, plot_step_loss
+
+    steps = [{k: float(v) for k, v in r.items()} for r in _read_csv(os.path.join(run_dir, STEPS))]
+    if steps:
+        save_figure(plot_step_loss(steps), os.path.join(run_dir, "loss_steps.png"))
+    history = read_history(run_dir)
+    for metric in ("loss", "accuracy"):
+        save_figure(plot_epochs(history, metric), os.path.join(run_dir, f"{metric}_epochs.png"))
+
+
+def train_and_evaluate(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> dict:
+    """Train (or resume), then evaluate the best model on the test split; returns metrics.json."""
+    from tf_emnist.evaluate import evaluate_run
+
+    train(config, run_dir, verbose=verbose)
+    return evaluate_run(run_dir)

@@ -1,0 +1,1 @@
+"""Hyperparameter search for tf-emnist with keras-tuner."""
