@@ -24,7 +24,7 @@ def _typed(name: str):
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
-    parse.__name__ = FIELDS[name].type if isinstance(FIELDS[name].type, str) else name
+    parse.__name__ = FIELDS[name].type.split(" |")[0]
     return parse
 
 
@@ -40,7 +40,7 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip=("task",)) -> None
             continue
         flag = "--" + name.replace("_", "-")
         help_text = field.metadata["help"]
-        if isinstance(field.default, bool):
+        if field.type.startswith("bool"):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
             group.add_argument(flag, type=_typed(name), default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
@@ -61,11 +61,10 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
-    from tf_emnist.train import default_run_dir, train_and_evaluate
+    from tf_emnist.training import default_run_dir, train_and_evaluate
 
     config = resolve_config(args)
     run_dir = args.output or default_run_dir(config)
-    print(f"run directory: {run_dir}", file=sys.stderr)
     metrics = train_and_evaluate(config, run_dir)
     _print_summary(metrics, run_dir)
     return 0
@@ -135,7 +134,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     from tf_emnist.nist import DataError
-    from tf_emnist.train import RunDirError
+    from tf_emnist.training import RunDirError
 
     try:
         return args.func(args)

@@ -8,7 +8,7 @@ from tf_emnist.evaluate import compute_metrics, evaluate_run, predict_logits
 from tf_emnist.model import build_model, compile_model, expected_parameter_count
 from tf_emnist.nist import DataError, NistFolder, parse_idx
 from tf_emnist.tasks import TASKS, Task, get_task
-from tf_emnist.train import RunDirError, train, train_and_evaluate
+from tf_emnist.training import RunDirError, train, train_and_evaluate
 
 __all__ = [
     "HYPERPARAMETERS", "TrainConfig", "read_config_file",

@@ -88,9 +88,10 @@ def load_split(task: Task, part: str, config: TrainConfig) -> tuple[np.ndarray, 
         import tensorflow_datasets as tfds
 
         builder = _prepare_tfds(task, config.tfds_dir)
-        arrays = tfds.as_numpy(builder.as_dataset(split=part, batch_size=-1, as_supervised=True))
-        images, source_labels = arrays
-        images = np.asarray(images, np.uint8).reshape(-1, 28, 28)
+        ds = builder.as_dataset(split=part, as_supervised=True, shuffle_files=False)
+        chunks = list(tfds.as_numpy(ds.batch(65536)))  # decoded once, straight to uint8 arrays
+        images = np.concatenate([x for x, _ in chunks]).reshape(-1, 28, 28).astype(np.uint8, copy=False)
+        source_labels = np.concatenate([y for _, y in chunks])
     limit = config.limit_train if part == "train" else config.limit_test
     if limit:
         images, source_labels = images[:limit], source_labels[:limit]

@@ -39,6 +39,15 @@ def mixed_precision_policy() -> str:
     return "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
 
 
+def use_xla(config: TrainConfig) -> bool:
+    """XLA doubles LSTM training speed on a CPU; on a GPU it would lose the cuDNN kernel."""
+    import tensorflow as tf
+
+    if config.jit_compile is not None:
+        return config.jit_compile
+    return not tf.config.list_logical_devices("GPU")
+
+
 def compile_model(model, config: TrainConfig, steps_per_epoch: int = 1, *, track_batch_loss: bool = False):
     """Adam (AdamW when weight_decay > 0), cross-entropy from logits, accuracy.
 
@@ -68,7 +77,7 @@ def compile_model(model, config: TrainConfig, steps_per_epoch: int = 1, *, track
     else:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     metrics = ["accuracy"] + ([_batch_loss_class()(loss)] if track_batch_loss else [])
-    model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=config.jit_compile)
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=use_xla(config))
     return model
 
 

@@ -174,8 +174,7 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
     state_path = os.path.join(run_dir, STATE)
     if os.path.exists(state_path) and read_json(state_path).get("finished"):
         return read_json(state_path)
-    if resuming:
-        log.info("resuming the run in %s", run_dir)
+    log.info("%s the run in %s", "resuming" if resuming else "starting", run_dir)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()

@@ -1,0 +1,75 @@
+"""Shared fixtures: a seed per test, tiny NIST-format data written on the fly, the real-data path."""
+import gzip
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pytest
+
+from tf_emnist.tasks import BYMERGE_CHARS
+
+REAL_DATA_ENV = "TF_EMNIST_DATA_DIR"
+
+
+def pytest_configure(config):
+    import tensorflow as tf
+
+    # Two logical CPUs, set before TensorFlow starts, so MirroredStrategy can be tested here.
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    import keras
+
+    keras.utils.set_random_seed(1234)
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX file of a uint8 array: 0x0000, type 0x08, ndim, big-endian dims, data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + np.ascontiguousarray(array, np.uint8).tobytes()
+
+
+def make_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Learnable fake EMNIST images (stored transposed): bright bars that encode the label.
+
+    Upright row label % 28 is bright; labels >= 28 also get a bright last upright column.
+    """
+    images = rng.integers(0, 40, (len(labels), 28, 28), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        images[i, :, label % 28] = 255  # stored column == upright row
+        if label >= 28:
+            images[i, 27, :] = 255
+    return images
+
+
+def write_nist_folder(path, n_train=240, n_test=120, split="bymerge", chars=BYMERGE_CHARS, seed=0):
+    """A folder of NIST-named gzip IDX files and the mapping; returns the path."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    for part, n in (("train", n_train), ("test", n_test)):
+        labels = rng.integers(0, len(chars), n).astype(np.uint8)
+        for kind, array in (("images", make_images(labels, rng)), ("labels", labels)):
+            ndim = 3 if kind == "images" else 1
+            with gzip.open(os.path.join(path, f"emnist-{split}-{part}-{kind}-idx{ndim}-ubyte.gz"), "wb") as f:
+                f.write(idx_bytes(array))
+    with open(os.path.join(path, f"emnist-{split}-mapping.txt"), "w", newline="") as f:
+        f.writelines(f"{i} {ord(c)}\r\n" for i, c in enumerate(chars))  # as NIST writes it
+    return str(path)
+
+
+@pytest.fixture
+def nist_dir(tmp_path):
+    return write_nist_folder(tmp_path / "nist")
+
+
+@pytest.fixture
+def real_data_dir():
+    path = os.environ.get(REAL_DATA_ENV)
+    if not path or not os.path.isdir(path):
+        pytest.skip(f"set {REAL_DATA_ENV} to a folder of NIST EMNIST ByMerge files to run real-data tests")
+    return path

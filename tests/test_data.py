@@ -1,0 +1,124 @@
+"""Data sources and the tf.data pipeline: orientation, labels, splits, shuffling, augmentation."""
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import make_images
+from tf_emnist import data as data_module
+from tf_emnist.config import TrainConfig
+from tf_emnist.data import load_split, make_dataset, random_affine, split_validation, to_model_input
+from tf_emnist.nist import DataError
+from tf_emnist.tasks import BYMERGE_CHARS, get_task
+
+
+def test_transpose_puts_upright_rows_as_time_steps():
+    labels = np.array([3, 17])
+    stored = make_images(labels, np.random.default_rng(0))  # stored column = upright row
+    x = to_model_input(stored).numpy()
+    assert x.dtype == np.float32 and x.shape == (2, 28, 28)
+    np.testing.assert_allclose(x[0, 3, :], 1.0)  # time step 3 is the whole bright row
+    np.testing.assert_allclose(x[1, 17, :], 1.0)
+    raw = to_model_input(stored, upright=False).numpy()
+    np.testing.assert_allclose(raw[0, :, 3], 1.0)  # raw orientation keeps the stored columns
+    assert 0.0 <= x.min() and x.max() <= 1.0
+
+
+def test_digit_letter_label_map():
+    task = get_task("digit-letter")
+    source = np.arange(47)
+    mapped = task.map_labels(source)
+    assert mapped.tolist() == [0] * 10 + [1] * 37
+    assert task.class_names == ("digit", "letter")
+    assert [BYMERGE_CHARS[i] for i in np.flatnonzero(mapped == 0)] == list("0123456789")
+    assert get_task("merged").map_labels(source).tolist() == list(range(47))
+
+
+def test_unknown_task_names_the_choices():
+    with pytest.raises(ValueError, match="unknown task 'letters'.*merged, digit-letter"):
+        get_task("letters")
+
+
+def test_load_split_from_nist_folder_applies_limits_and_labels(nist_dir):
+    config = TrainConfig(task="digit-letter", data_dir=nist_dir, limit_train=100)
+    images, labels = load_split(get_task("digit-letter"), "train", config)
+    assert images.shape == (100, 28, 28) and images.dtype == np.uint8
+    assert set(np.unique(labels)) <= {0, 1}
+    test_images, _ = load_split(get_task("digit-letter"), "test", config)
+    assert len(test_images) == 120  # limit_train does not touch the test split
+
+
+def test_wrong_split_mapping_is_rejected(tmp_path):
+    from tests.conftest import write_nist_folder
+
+    path = write_nist_folder(tmp_path / "d", n_train=10, n_test=10, chars="0123456789")
+    with pytest.raises(DataError, match="mapping.txt .* is this the bymerge split"):
+        load_split(get_task("merged"), "train", TrainConfig(data_dir=path))
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    images = np.arange(1000, dtype=np.int64).reshape(1000, 1, 1)  # the image is its own index
+    labels = np.arange(1000)
+    tr_x, tr_y, va_x, va_y = split_validation(images, labels, 0.1, seed=3)
+    assert len(va_y) == 100 and len(tr_y) == 900
+    assert not set(tr_y) & set(va_y) and set(tr_y) | set(va_y) == set(labels)
+    np.testing.assert_array_equal(tr_x.ravel(), tr_y)  # images stay with their labels
+    assert split_validation(images, labels, 0.1, seed=3)[3].tolist() == va_y.tolist()
+    assert split_validation(images, labels, 0.1, seed=4)[3].tolist() != va_y.tolist()
+
+
+def test_dataset_batches_shuffles_each_epoch_and_keeps_pairs():
+    labels = np.arange(64, dtype=np.int32) % 28
+    images = make_images(labels, np.random.default_rng(0))
+    ds = make_dataset(images, labels, 16, training=True, seed=1)
+    epochs = [[(x.numpy(), y.numpy()) for x, y in ds] for _ in range(2)]
+    first, second = (np.concatenate([y for _, y in e]) for e in epochs)
+    assert sorted(first) == sorted(labels) and first.tolist() != second.tolist()
+    for x, y in epochs[0]:
+        assert x.shape[1:] == (28, 28) and x.dtype == np.float32
+        for xi, yi in zip(x, y):
+            np.testing.assert_allclose(xi[yi], 1.0)  # the bright row is the label's row
+    ordered = np.concatenate([y.numpy() for _, y in make_dataset(images, labels, 16, training=False)])
+    assert ordered.tolist() == labels.tolist()  # evaluation keeps the order
+
+
+def test_augmentation_changes_pixels_keeps_shapes_and_is_off_for_evaluation():
+    labels = np.arange(32, dtype=np.int32) % 28
+    images = make_images(labels, np.random.default_rng(0))
+    plain = np.concatenate([x.numpy() for x, _ in make_dataset(images, labels, 32, training=False, augment=1.0)])
+    np.testing.assert_allclose(plain, to_model_input(images).numpy())
+    x, y = next(iter(make_dataset(images, labels, 32, training=True, seed=0, augment=1.0)))
+    assert x.shape == (32, 28, 28) and x.dtype == np.float32 and y.dtype == np.int32
+    clean = to_model_input(images).numpy()
+    # Each augmented image differs from the clean image of its own label.
+    clean_by_label = {int(label): clean[i] for i, label in enumerate(labels)}
+    changed = [not np.allclose(xi, clean_by_label[int(yi)]) for xi, yi in zip(x.numpy(), y.numpy())]
+    assert sum(changed) >= 30
+    assert 0.0 <= x.numpy().min() and x.numpy().max() <= 1.0
+    still = random_affine(to_model_input(images), 0.0).numpy()
+    np.testing.assert_allclose(still, clean, atol=1e-5)  # strength 0 is the identity
+
+
+def test_tfds_source_under_mock_data(monkeypatch, tmp_path):
+    import tensorflow_datasets as tfds
+
+    monkeypatch.setattr(data_module, "check_download_reachable", lambda *a, **k: None)
+    with tfds.testing.mock_data(num_examples=20):
+        images, labels = load_split(get_task("merged"), "train", TrainConfig(tfds_dir=str(tmp_path)))
+    assert images.shape == (20, 28, 28) and images.dtype == np.uint8
+    assert labels.dtype == np.int32 and labels.max() < 47
+
+
+def test_offline_download_fails_fast_and_leaves_nothing(monkeypatch, tmp_path):
+    def refuse(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    root = tmp_path / "tfds"
+    start = time.monotonic()
+    with pytest.raises(DataError, match="cannot reach .* --data-dir"):
+        load_split(get_task("merged"), "train", TrainConfig(tfds_dir=str(root)))
+    assert time.monotonic() - start < 30
+    assert not root.exists()

@@ -1,0 +1,172 @@
+"""Training end to end on fake NIST files: CLI train -> evaluate, resume, run-dir safety, bad input."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cli.main import main
+from tf_emnist import training as train_module
+from tf_emnist.config import TrainConfig
+from tf_emnist.training import read_history
+
+TINY = ["--hidden-dim", "8", "--num-layers", "1", "--batch-size", "32", "--log-every", "2", "--no-jit-compile"]
+
+
+def run_cli(*args):
+    """The CLI's exit code, whether it returns it or argparse exits with it."""
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+
+
+def test_cli_train_then_evaluate_end_to_end(nist_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli("train", "--task", "merged", "--data-dir", nist_dir, "--output", run, "--epochs", 2, *TINY) == 0
+    for name in ("config.json", "model.keras", "metrics.json", "history.csv", "steps.csv", "train_state.json",
+                 "loss_steps.png", "loss_epochs.png", "accuracy_epochs.png", "confusion.png"):
+        assert (run / name).stat().st_size > 0, name
+    assert (run / "logs").is_dir() and not (run / "backup").exists()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == "merged" and metrics["test_examples"] == 120
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["test_loss"] > 0
+    matrix = np.array(metrics["confusion_matrix"])
+    assert matrix.shape == (47, 47) and matrix.sum() == 120
+    assert np.trace(matrix) == round(metrics["test_accuracy"] * 120)
+    assert set(metrics["per_class_accuracy"]) == set("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabdefghnqrt")
+    assert all(len(c) == 3 and c[0] != c[1] for c in metrics["top_confusions"])
+    assert 0.0 <= metrics["digit_letter_accuracy"] <= 1.0 and metrics["best_epoch"] in (1, 2)
+    config = json.loads((run / "config.json").read_text())
+    assert config["hidden_dim"] == 8 and config["data_dir"] == os.path.abspath(nist_dir)
+    assert len(read_history(str(run))) == 2
+    assert "test accuracy" in capsys.readouterr().out
+
+    (run / "metrics.json").unlink()
+    assert run_cli("evaluate", run) == 0
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["test_accuracy"] == metrics["test_accuracy"]
+    assert again["confusion_matrix"] == metrics["confusion_matrix"]
+
+
+def test_digit_letter_task_learns_fake_data(tmp_path):
+    from tests.conftest import write_nist_folder
+
+    data = write_nist_folder(tmp_path / "d", n_train=600, n_test=200)
+    run = tmp_path / "run"
+    code = run_cli("train", "--task", "digit-letter", "--data-dir", data, "--output", run, "--epochs", 4,
+                   "--hidden-dim", 16, "--num-layers", 1, "--batch-size", 32, "--learning-rate", 0.01, "--no-jit-compile")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert code == 0 and metrics["task"] == "digit-letter"
+    assert metrics["confusion_labels"] == ["digit", "letter"]
+    letters = metrics["confusion_matrix"][1]
+    majority = max(sum(letters), 200 - sum(letters)) / 200
+    assert metrics["test_accuracy"] > majority + 0.05  # the bars tell digit from letter
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_where_it_stopped(nist_dir, tmp_path, monkeypatch):
+    import keras
+
+    run = tmp_path / "run"
+    args = ["train", "--data-dir", nist_dir, "--output", run, "--epochs", 3, *TINY]
+    original = train_module._callbacks
+
+    class StopInEpoch2(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if self.epoch == 1 and batch == 3:
+                raise KeyboardInterrupt
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+    monkeypatch.setattr(train_module, "_callbacks", lambda *a: original(*a) + [StopInEpoch2()])
+    assert run_cli(*args) == 130  # Ctrl-C: interrupted, resumable
+    assert [int(r["epoch"]) for r in read_history(str(run))] == [0]
+    assert (run / "backup").is_dir() and not (run / "metrics.json").exists()
+    steps_before = (run / "steps.csv").read_text().splitlines()
+    assert len(steps_before) > 4  # epoch 1 and part of epoch 2 logged
+
+    epochs_run = []
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            epochs_run.append(epoch)
+
+    monkeypatch.setattr(train_module, "_callbacks", lambda *a: original(*a) + [Record()])
+    assert run_cli(*args) == 0
+    assert epochs_run == [1, 2]  # epoch 1 (0-based) again, not from scratch
+    assert [int(r["epoch"]) for r in read_history(str(run))] == [0, 1, 2]
+    steps = [int(line.split(",")[0]) for line in (run / "steps.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps)) and steps[-1] <= 3 * 7  # 216 images / 32 = 7 steps an epoch
+    assert json.loads((run / "train_state.json").read_text())["finished"]
+
+
+def test_output_dir_of_another_run_is_refused_and_kept(nist_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli("train", "--data-dir", nist_dir, "--output", run, "--epochs", 1, *TINY) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert run_cli("train", "--data-dir", nist_dir, "--output", run, "--epochs", 2, *TINY) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds another run" in err and len(err.splitlines()) == 1
+    assert run_cli("train", "--data-dir", nist_dir, "--output", run, "--epochs", 1, *TINY) == 2
+    assert "already holds this finished run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    assert run_cli("train", "--data-dir", nist_dir, "--output", other, *TINY) == 2
+    assert "not empty" in capsys.readouterr().err and (other / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--task", "letters"], "invalid choice: 'letters'"),
+    (["train", "--epochs", "seven"], "epochs: expected int, got 'seven'"),
+    (["train", "--dropout", "2"], "dropout must be in [0, 1)"),
+    (["train", "--data-dir", "/nonexistent/emnist"], "does not exist"),
+    (["evaluate", "/nonexistent/run"], "is not a finished tf-emnist run"),
+])
+def test_bad_input_gets_one_line_and_nonzero_exit(args, message, capsys, tmp_path):
+    output = ["--output", tmp_path / "r"] if args[0] == "train" else []
+    assert run_cli(*args, *output) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r" / "model.keras").exists()
+
+
+def test_config_file_then_flags_override(nist_dir, tmp_path):
+    from cli.main import build_parser, resolve_config
+
+    best = tmp_path / "best_config.json"
+    best.write_text(json.dumps({"task": "digit-letter", "hidden_dim": 64, "dropout": 0.3}))
+    args = build_parser().parse_args(["train", "--config", str(best), "--dropout", "0.1"])
+    config = resolve_config(args)
+    assert (config.task, config.hidden_dim, config.dropout, config.epochs) == ("digit-letter", 64, 0.1, 8)
+
+    best.write_text(json.dumps({"hidden_dims": 64}))
+    with pytest.raises(ValueError, match="unknown setting.*hidden_dims"):
+        resolve_config(build_parser().parse_args(["train", "--config", str(best)]))
+    best.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        resolve_config(build_parser().parse_args(["train", "--config", str(best)]))
+
+
+def test_same_seed_same_result(nist_dir, tmp_path):
+    config = TrainConfig(data_dir=nist_dir, epochs=1, hidden_dim=8, num_layers=1, batch_size=32,
+                         jit_compile=False, deterministic=True)
+    runs = [train_module.train_and_evaluate(config, str(tmp_path / f"r{i}"), verbose=0) for i in range(2)]
+    assert runs[0]["test_loss"] == runs[1]["test_loss"]
+    assert runs[0]["confusion_matrix"] == runs[1]["confusion_matrix"]
+
+
+def test_mirrored_strategy_over_two_logical_cpus(nist_dir, tmp_path):
+    assert train_module.distribution_strategy("mirrored").num_replicas_in_sync == 2
+    config = TrainConfig(data_dir=nist_dir, epochs=1, hidden_dim=8, num_layers=1, batch_size=16,
+                         jit_compile=False, strategy="mirrored")
+    metrics = train_module.train_and_evaluate(config, str(tmp_path / "run"), verbose=0)
+    assert metrics["test_examples"] == 120 and np.isfinite(metrics["test_loss"])
