@@ -92,6 +92,36 @@ def _print_summary(metrics: dict, run_dir: str) -> None:
     print(f"  outputs in {run_dir}")
 
 
+def cmd_export(args) -> int:
+    from tf_emnist.export import export_model
+
+    path = export_model(args.run_dir, args.output, version=args.version, force=args.force, jit_compile=args.xla)
+    print(path)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from tf_emnist.predict import ImageError, Predictor, read_inputs
+
+    predictor = Predictor(args.model)
+    results, failed = [], 0
+    for path in args.inputs:
+        try:
+            images = read_inputs(path)
+        except ImageError as e:
+            print(f"{args.prog}: skipped {e}", file=sys.stderr)
+            failed += 1
+            continue
+        for i, top in enumerate(predictor.top_k(images, args.top_k)):
+            name = path if len(images) == 1 else f"{path}[{i}]"
+            results.append({"input": name, "top": [{"character": c, "probability": p} for c, p in top]})
+            if not args.json:
+                print(f"{name}: " + "  ".join(f"{c} {p:.1%}" for c, p in top))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 1 if failed else 0
+
+
 def cmd_tasks(args) -> int:
     from tf_emnist.tasks import TASKS
 
@@ -121,6 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", help="read the test split from this NIST folder instead of the run's source")
     evaluate.add_argument("--limit-test", type=_typed("limit_test"), help="evaluate on the first N test images")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    export = sub.add_parser("export", help="export a run's model as a TensorFlow SavedModel (TF Serving layout)",
+                            description="Writes OUTPUT/<task>/<version>/ with signatures serving_default "
+                                        "(uint8 [N,28,28] upright images) and serve_stored (NIST/tfds orientation).")
+    export.add_argument("run_dir")
+    export.add_argument("--output", default="saved_models", help="export root (default: saved_models)")
+    export.add_argument("--version", type=int, help="version number (default: the next free one)")
+    export.add_argument("--force", action="store_true", help="replace an existing version")
+    export.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
+                        help="XLA-compile the serving function (default on: faster on CPUs)")
+    export.set_defaults(func=cmd_export)
+
+    predict = sub.add_parser("predict", help="classify character images (PNG/JPEG, or .npy of uint8 [N,28,28])",
+                             description="MODEL is a SavedModel folder or a run directory. Each image holds one "
+                                         "character, any size, dark on light or light on dark.")
+    predict.add_argument("model")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE")
+    predict.add_argument("--top-k", type=int, default=3, help="characters to show per image (default 3)")
+    predict.add_argument("--json", action="store_true", help="machine-readable output")
+    predict.set_defaults(func=cmd_predict, prog="tf-emnist predict")
 
     tasks = sub.add_parser("tasks", help="list the tasks and their presets")
     tasks.set_defaults(func=cmd_tasks)

@@ -1,0 +1,148 @@
+"""SavedModel export, reload with plain TensorFlow, versions, atomicity, and `predict` on images."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from cli.main import main
+from tests.conftest import write_nist_folder
+from tf_emnist.config import TrainConfig
+from tf_emnist.export import export_model, load_run
+from tf_emnist.predict import emnist_like, read_inputs
+from tf_emnist.training import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    config = TrainConfig(data_dir=write_nist_folder(root / "nist"), epochs=1, hidden_dim=8, num_layers=1,
+                         batch_size=32, jit_compile=False)
+    train(config, str(root / "run"), verbose=0)
+    return str(root / "run")
+
+
+def run_cli(*args):
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+
+
+def test_export_reloads_with_plain_tensorflow_and_matches_keras(run_dir, tmp_path):
+    import tensorflow as tf
+
+    path = export_model(run_dir, str(tmp_path))
+    assert path == str(tmp_path / "merged" / "1")
+    loaded = tf.saved_model.load(path)
+    serve = loaded.signatures["serving_default"]
+    spec = serve.structured_input_signature[1]["images"]
+    assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, 28, 28]
+    images = np.random.default_rng(0).integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    out = {k: v.numpy() for k, v in serve(images=tf.constant(images)).items()}
+    assert out["logits"].dtype == np.float32 and out["logits"].shape == (7, 47)
+    assert out["class_ids"].dtype == np.int32 and out["characters"].dtype == object
+
+    model, config, task = load_run(run_dir)
+    # Upright uint8 in; the Keras model takes upright float rows.
+    expected = model.predict(images.astype(np.float32) / 255.0, verbose=0)
+    np.testing.assert_allclose(out["logits"], expected, atol=1e-5)
+    np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, atol=1e-5)
+    assert [c.decode() for c in out["characters"]] == [task.class_names[i] for i in expected.argmax(1)]
+    stored = loaded.signatures["serve_stored"](images=tf.constant(images.transpose(0, 2, 1)))
+    np.testing.assert_allclose(stored["logits"].numpy(), out["logits"], atol=1e-5)
+    extra = os.path.join(path, "assets.extra")
+    assert json.load(open(os.path.join(extra, "config.json")))["task"] == "merged"
+    assert open(os.path.join(extra, "labels.txt")).read().split() == list(task.class_names)
+
+
+def test_tfsmlayer_loads_the_export(run_dir, tmp_path):
+    import keras
+
+    path = export_model(run_dir, str(tmp_path), jit_compile=False)
+    layer = keras.layers.TFSMLayer(path, call_endpoint="serving_default")
+    out = layer(np.zeros((2, 28, 28), np.uint8))
+    assert out["logits"].shape == (2, 47)
+
+
+def test_versions_count_up_and_are_never_overwritten_without_force(run_dir, tmp_path, capsys):
+    assert run_cli("export", run_dir, "--output", tmp_path) == 0
+    assert run_cli("export", run_dir, "--output", tmp_path) == 0
+    assert sorted(os.listdir(tmp_path / "merged")) == ["1", "2"]
+    marker = tmp_path / "merged" / "1" / "marker"
+    marker.write_text("old")
+    assert run_cli("export", run_dir, "--output", tmp_path, "--version", 1) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err and marker.exists()
+    assert run_cli("export", run_dir, "--output", tmp_path, "--version", 1, "--force") == 0
+    assert not marker.exists() and (tmp_path / "merged" / "1" / "saved_model.pb").exists()
+    assert sorted(os.listdir(tmp_path / "merged")) == ["1", "2"]  # no temporary folders left
+
+
+def test_interrupted_export_leaves_nothing_behind(run_dir, tmp_path, monkeypatch):
+    import tf_emnist.export
+
+    def crash(*args):  # interrupted after the SavedModel is written, before the rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tf_emnist.export, "write_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(run_dir, str(tmp_path))
+    assert os.listdir(tmp_path / "merged") == []
+
+
+def draw_glyph() -> np.ndarray:
+    """An EMNIST-like 28x28 upright 'A', light on dark."""
+    canvas = Image.new("L", (120, 120), 0)
+    ImageDraw.Draw(canvas).text((25, 10), "A", fill=255, font_size=90)
+    return emnist_like(np.asarray(canvas))
+
+
+def save_png(array: np.ndarray, path) -> str:
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+def test_preprocessing_makes_variants_look_like_the_28x28_array(tmp_path):
+    base = draw_glyph()
+    assert base.shape == (28, 28) and base.dtype == np.uint8 and base.max() == 255
+    assert base[:2].max() == base[-2:].max() == base[:, :2].max() == base[:, -2:].max() == 0  # the border
+    big = np.asarray(Image.fromarray(base).resize((140, 140), Image.Resampling.BICUBIC))
+    off_centre = np.zeros((300, 220), np.uint8)
+    off_centre[20:160, 70:210] = big
+    variants = {
+        "light_on_dark.png": big,
+        "dark_on_light.png": 255 - big,
+        "larger_canvas_off_centre.png": 255 - off_centre,
+    }
+    for name, array in variants.items():
+        seen = read_inputs(save_png(array, tmp_path / name))[0]
+        difference = np.abs(seen.astype(int) - base.astype(int)).mean()
+        assert difference < 12, (name, difference)
+
+
+def test_predict_cli_images_npy_and_bad_files(run_dir, tmp_path, capsys):
+    base = draw_glyph()
+    big = np.asarray(Image.fromarray(base).resize((112, 112), Image.Resampling.BICUBIC))
+    canvas = np.full((260, 200), 255, np.uint8)
+    canvas[100:212, 10:122] = 255 - big  # dark ink, light paper, off centre
+    files = [save_png(big, tmp_path / "a.png"), save_png(canvas, tmp_path / "b.png")]
+    np.save(tmp_path / "batch.npy", np.stack([base, base]))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    save_png(np.full((40, 40), 250, np.uint8), tmp_path / "blank.png")
+    export = export_model(run_dir, str(tmp_path / "models"))
+    inputs = [*files, tmp_path / "batch.npy", tmp_path / "broken.png", tmp_path / "blank.png"]
+
+    code = run_cli("predict", export, *inputs, "--json", "--top-k", 2)
+    captured = capsys.readouterr()
+    assert code == 1  # some inputs failed; the rest were still predicted
+    results = json.loads(captured.out)
+    assert [r["input"] for r in results] == [*files, f"{tmp_path / 'batch.npy'}[0]", f"{tmp_path / 'batch.npy'}[1]"]
+    assert all(len(r["top"]) == 2 for r in results)
+    top = {r["top"][0]["character"] for r in results}
+    assert len(top) == 1  # the PNGs are classified as the 28x28 array itself
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 2 and "broken.png: not a readable image" in errors[0] and "blank" in errors[1]
+
+    assert run_cli("predict", run_dir, files[0]) == 0  # a run directory works too
+    assert top.pop() in capsys.readouterr().out
