@@ -92,6 +92,27 @@ def _print_summary(metrics: dict, run_dir: str) -> None:
     print(f"  outputs in {run_dir}")
 
 
+def cmd_tune(args) -> int:
+    from tf_emnist.config import HYPERPARAMETERS
+    from tuning.search import run_search, set_distributed_env
+    from tuning.space import parse_override, read_space_file, resolve_space
+
+    overrides = read_space_file(args.space_file) if args.space_file else {}
+    overrides.update(parse_override(text) for text in args.space)
+    base = resolve_config(args)
+    # A hyperparameter given as a flag (e.g. --hidden-dim 128) is pinned, not searched.
+    fixed = {name: getattr(base, name) for name in HYPERPARAMETERS if hasattr(args, name)}
+    space = resolve_space(overrides, fixed)
+    set_distributed_env(args.distributed, args.oracle_host, args.oracle_port, args.worker_id, args.connect_timeout)
+    output = args.output or os.path.join("runs", f"tune-{base.task}-{args.tuner}")
+    best = run_search(base, space, tuner_kind=args.tuner, max_trials=args.max_trials, max_epochs=args.max_epochs,
+                      output=output, overwrite=args.overwrite, patience=args.patience)
+    if best is not None:
+        print(f"best configuration: {os.path.join(output, 'best_config.json')}\n"
+              f"train it: tf-emnist train --config {os.path.join(output, 'best_config.json')}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from tf_emnist.export import export_model
 
@@ -152,6 +173,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit-test", type=_typed("limit_test"), help="evaluate on the first N test images")
     evaluate.set_defaults(func=cmd_evaluate)
 
+    tune = sub.add_parser("tune", help="search hyperparameters with keras-tuner (validation split only)",
+                          description="Rerunning the same command resumes the search; --overwrite starts over. "
+                                      "Flags for hyperparameters pin them; --space narrows the rest.")
+    tune.add_argument("--tuner", default="random", help="random, bayesian or hyperband (default random)")
+    tune.add_argument("--max-trials", type=int, default=10, help="trials for random/bayesian (default 10)")
+    tune.add_argument("--max-epochs", type=int, default=3, help="epochs per trial at most (default 3)")
+    tune.add_argument("--patience", type=int, default=2, help="stop a trial after N epochs without improvement")
+    tune.add_argument("--space", action="append", default=[], metavar="NAME=SPEC",
+                      help="narrow the space: name=value (fixed), name=min:max, name=a,b,c; repeatable")
+    tune.add_argument("--space-file", metavar="JSON", help="search space overrides as a JSON object")
+    tune.add_argument("--config", metavar="JSON", help="base settings file; flags override it")
+    tune.add_argument("--output", metavar="DIR", help="search directory (default runs/tune-<task>-<tuner>)")
+    tune.add_argument("--overwrite", action="store_true", help="discard the finished trials and start over")
+    tune.add_argument("--distributed", choices=["chief", "worker"],
+                      help="keras-tuner distributed mode: the chief oracle, or a worker running trials")
+    tune.add_argument("--oracle-host", default="127.0.0.1", help="chief address (default 127.0.0.1)")
+    tune.add_argument("--oracle-port", type=int, default=8000, help="chief port (default 8000)")
+    tune.add_argument("--worker-id", type=int, default=0, help="this worker's number (tuner<N>)")
+    tune.add_argument("--connect-timeout", type=float, default=60, help="seconds a worker waits for the chief")
+    add_config_flags(tune)
+    tune.set_defaults(func=cmd_tune)
+
     export = sub.add_parser("export", help="export a run's model as a TensorFlow SavedModel (TF Serving layout)",
                             description="Writes OUTPUT/<task>/<version>/ with signatures serving_default "
                                         "(uint8 [N,28,28] upright images) and serve_stored (NIST/tfds orientation).")
@@ -191,7 +234,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\n{parser.prog}: interrupted; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, DataError, RunDirError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, DataError, RunDirError, FileNotFoundError, FileExistsError, ConnectionError, RuntimeError) as e:
         print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
 

@@ -1,0 +1,208 @@
+"""keras-tuner search over the one model builder: HyperModel, tuners, results, distributed mode."""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import socket
+import time
+
+import numpy as np
+
+from tf_emnist.config import HYPERPARAMETERS, TrainConfig
+from tf_emnist.files import atomic_path, save_figure, write_json
+from tf_emnist.tasks import get_task
+from tuning.space import define
+
+log = logging.getLogger("tf_emnist")
+
+TUNERS = ("random", "bayesian", "hyperband")
+OBJECTIVE = "val_accuracy"
+
+
+def make_hypermodel(base: TrainConfig, space: dict, num_classes: int, num_train: int, patience: int = 2):
+    """A keras_tuner.HyperModel whose build() is tf_emnist's build_model + compile_model."""
+    import keras
+    import keras_tuner as kt
+
+    from tf_emnist.data import make_dataset
+    from tf_emnist.model import build_model, compile_model, steps_per_epoch
+
+    class FailOnNaN(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if not math.isfinite(float(logs["loss"])):
+                raise kt.errors.FailedTrialError(f"loss became {logs['loss']} at batch {batch}")
+
+    class EmnistHyperModel(kt.HyperModel):
+        def config_for(self, hp) -> TrainConfig:
+            return base.replace(**{name: define(hp, name, spec) for name, spec in space.items()})
+
+        def build(self, hp):
+            config = self.config_for(hp)
+            return compile_model(build_model(config, num_classes), config, steps_per_epoch(num_train, config.batch_size))
+
+        def fit(self, hp, model, train, validation, epochs=1, callbacks=(), verbose=2, **kwargs):
+            config = self.config_for(hp)  # batch_size reaches the data here, as keras-tuner intends
+            train_ds = make_dataset(*train, config.batch_size, training=True, seed=config.seed,
+                                    upright=config.upright, augment=config.augment)
+            val_ds = make_dataset(*validation, config.batch_size, training=False, upright=config.upright)
+            stop = keras.callbacks.EarlyStopping(monitor=OBJECTIVE, mode="max", patience=patience)
+            start = time.perf_counter()
+            history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose,
+                                callbacks=[*callbacks, stop, FailOnNaN()], **kwargs).history
+            scores = history[OBJECTIVE]
+            best = int(np.argmax(scores))
+            return {OBJECTIVE: float(scores[best]), "val_loss": float(history["val_loss"][best]),
+                    "best_epoch": float(kwargs.get("initial_epoch", 0) + best + 1),
+                    "trial_seconds": time.perf_counter() - start}
+
+    return EmnistHyperModel(name=f"{base.task}_lstm")
+
+
+def make_tuner(kind: str, hypermodel, *, output: str, project: str, max_trials: int, max_epochs: int,
+               seed: int, overwrite: bool):
+    import keras_tuner as kt
+
+    common = dict(objective=kt.Objective(OBJECTIVE, direction="max"), directory=output, project_name=project,
+                  overwrite=overwrite, seed=seed, max_consecutive_failed_trials=max(3, max_trials))
+    if kind == "random":
+        return kt.RandomSearch(hypermodel, max_trials=max_trials, **common)
+    if kind == "bayesian":
+        return kt.BayesianOptimization(hypermodel, max_trials=max_trials, **common)
+    if kind == "hyperband":
+        return kt.Hyperband(hypermodel, max_epochs=max_epochs, factor=3, **common)
+    raise ValueError(f"unknown tuner {kind!r}; choose one of: {', '.join(TUNERS)}")
+
+
+def set_distributed_env(role: str | None, host: str, port: int, worker_id: int, connect_timeout: float) -> None:
+    """Point keras-tuner at a chief oracle over gRPC (its KERASTUNER_* variables).
+
+    A worker first waits up to connect_timeout seconds for the chief's port, so a chief
+    that never answers gives an error instead of a worker blocked for ever.
+    """
+    if role is None:
+        return
+    if role not in ("chief", "worker"):
+        raise ValueError(f"--distributed must be chief or worker, got {role!r}")
+    os.environ["KERASTUNER_ORACLE_IP"] = host
+    os.environ["KERASTUNER_ORACLE_PORT"] = str(port)
+    os.environ["KERASTUNER_TUNER_ID"] = "chief" if role == "chief" else f"tuner{worker_id}"
+    if role == "worker":
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            try:
+                socket.create_connection((host, port), timeout=2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ConnectionError(
+                        f"no chief oracle answers at {host}:{port} after {connect_timeout:.0f} s; "
+                        "start `tf-emnist tune --distributed chief` there first, or fix --oracle-host/--oracle-port"
+                    ) from None
+                time.sleep(0.5)
+
+
+def trial_rows(tuner) -> list[dict]:
+    """One row per trial, best score first: id, status, score, seconds, best epoch, hyperparameters."""
+    rows = []
+    for trial in tuner.oracle.trials.values():
+        metrics = trial.metrics
+        get = lambda name: metrics.get_last_value(name) if metrics.exists(name) else None  # noqa: E731
+        values = {k: v for k, v in trial.hyperparameters.values.items() if k in HYPERPARAMETERS}
+        rows.append({"trial": trial.trial_id, "status": str(trial.status), OBJECTIVE: trial.score,
+                     "seconds": get("trial_seconds"), "best_epoch": get("best_epoch"), **values})
+    rows.sort(key=lambda r: (r[OBJECTIVE] is None, -(r[OBJECTIVE] or 0.0)))
+    return rows
+
+
+def write_results(rows: list[dict], path: str) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_results(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "-" if value is None else str(value)
+
+    table = [columns] + [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in table)
+
+
+def plot_trials(rows: list[dict]):
+    """Score per trial, and against the main hyperparameters."""
+    from matplotlib.figure import Figure
+
+    done = [r for r in rows if r[OBJECTIVE] is not None]
+    names = [n for n in ("hidden_dim", "num_layers", "dropout", "learning_rate", "batch_size")
+             if any(n in r for r in done)]
+    fig = Figure(figsize=(4 * (1 + len(names)), 3.5))
+    axes = fig.subplots(1, 1 + len(names), squeeze=False)[0]
+    order = sorted(done, key=lambda r: int(r["trial"]) if str(r["trial"]).isdigit() else 0)
+    axes[0].plot(range(1, len(order) + 1), [r[OBJECTIVE] for r in order], "o-")
+    axes[0].set(xlabel="trial", ylabel=OBJECTIVE, title="score per trial")
+    for ax, name in zip(axes[1:], names):
+        ax.scatter([r.get(name) for r in done], [r[OBJECTIVE] for r in done])
+        ax.set(xlabel=name, title=f"{OBJECTIVE} vs {name}")
+        if name == "learning_rate":
+            ax.set_xscale("log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def best_config(tuner, base: TrainConfig) -> dict:
+    """The best trial's settings as a train --config file: the task, every hyperparameter, epochs."""
+    trials = tuner.oracle.get_best_trials(1)
+    if not trials:
+        raise RuntimeError("no trial finished; see the trials' messages above, fix the cause and rerun to resume")
+    trial = trials[0]
+    values = {k: v for k, v in trial.hyperparameters.values.items() if k in HYPERPARAMETERS}
+    config = base.replace(**values)
+    if trial.metrics.exists("best_epoch"):
+        config = config.replace(epochs=int(trial.metrics.get_last_value("best_epoch")))
+    return {"task": config.task, **{name: getattr(config, name) for name in HYPERPARAMETERS}}
+
+
+def run_search(base: TrainConfig, space: dict, *, tuner_kind: str = "random", max_trials: int = 10,
+               max_epochs: int = 3, output: str, overwrite: bool = False, patience: int = 2,
+               verbose: int = 2) -> dict | None:
+    """Search on the validation split carved from train; write the results into output.
+
+    Returns best_config (None on a worker, which only runs trials).
+    """
+    import keras
+
+    from tf_emnist.data import load_split, split_validation
+
+    if tuner_kind not in TUNERS:
+        raise ValueError(f"unknown tuner {tuner_kind!r}; choose one of: {', '.join(TUNERS)}")
+    task = get_task(base.task)
+    images, labels = load_split(task, "train", base)  # the test split is never read here
+    train_x, train_y, val_x, val_y = split_validation(images, labels, base.validation_split, base.seed)
+    del images, labels
+    hypermodel = make_hypermodel(base, space, task.num_classes, len(train_y), patience)
+    tuner = make_tuner(tuner_kind, hypermodel, output=output, project=f"{task.name}-{tuner_kind}",
+                       max_trials=max_trials, max_epochs=max_epochs, seed=base.seed, overwrite=overwrite)
+    role = os.environ.get("KERASTUNER_TUNER_ID", "")
+    tensorboard = keras.callbacks.TensorBoard(os.path.join(output, "tensorboard"))  # keras-tuner adds HParams
+    tuner.search((train_x, train_y), (val_x, val_y), epochs=max_epochs, verbose=verbose, callbacks=[tensorboard])
+    if role.startswith("tuner"):  # a worker: the chief writes the results
+        return None
+    rows = trial_rows(tuner)
+    write_results(rows, os.path.join(output, "results.csv"))
+    print(format_results(rows))
+    if any(r[OBJECTIVE] is not None for r in rows):
+        save_figure(plot_trials(rows), os.path.join(output, "trials.png"))
+    best = best_config(tuner, base)
+    write_json(os.path.join(output, "best_config.json"), best)
+    return best
