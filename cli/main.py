@@ -143,6 +143,19 @@ def cmd_predict(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_bench(args) -> int:
+    from tf_emnist.bench import format_table, run_benchmark
+    from tf_emnist.files import write_json
+
+    results = run_benchmark(args.tasks, steps=args.steps, rounds=args.rounds, baseline=args.baseline,
+                            memory=args.memory, jit_compile=args.jit_compile)
+    print(format_table(results))
+    if args.output:
+        write_json(args.output, results)
+        print(f"figures written to {args.output}")
+    return 0
+
+
 def cmd_tasks(args) -> int:
     from tf_emnist.tasks import TASKS
 
@@ -214,6 +227,21 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=3, help="characters to show per image (default 3)")
     predict.add_argument("--json", action="store_true", help="machine-readable output")
     predict.set_defaults(func=cmd_predict, prog="tf-emnist predict")
+
+    from tf_emnist.bench import DEFAULT_BASELINE
+
+    bench = sub.add_parser("bench", help="throughput, latency and memory beside the PyTorch yardstick",
+                           description="Synthetic data of EMNIST shape. PyTorch figures appear when torch is installed.")
+    bench.add_argument("--tasks", nargs="+", default=["digit-letter", "merged"], help="presets to measure")
+    bench.add_argument("--steps", type=int, default=30, help="timed training steps per round (default 30)")
+    bench.add_argument("--rounds", type=int, default=2, help="Keras/PyTorch alternations; medians kept (default 2)")
+    bench.add_argument("--baseline", default=os.path.normpath(DEFAULT_BASELINE), help="the PyTorch yardstick script")
+    bench.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                       help="also measure peak RSS training on a full-size train split (default on)")
+    bench.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="force XLA on or off for training (default: as training does)")
+    bench.add_argument("--output", metavar="JSON", help="write the figures here")
+    bench.set_defaults(func=cmd_bench)
 
     tasks = sub.add_parser("tasks", help="list the tasks and their presets")
     tasks.set_defaults(func=cmd_tasks)

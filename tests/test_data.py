@@ -59,14 +59,21 @@ def test_wrong_split_mapping_is_rejected(tmp_path):
 
 
 def test_validation_split_is_seeded_and_disjoint():
-    images = np.arange(1000, dtype=np.int64).reshape(1000, 1, 1)  # the image is its own index
-    labels = np.arange(1000)
-    tr_x, tr_y, va_x, va_y = split_validation(images, labels, 0.1, seed=3)
-    assert len(va_y) == 100 and len(tr_y) == 900
-    assert not set(tr_y) & set(va_y) and set(tr_y) | set(va_y) == set(labels)
-    np.testing.assert_array_equal(tr_x.ravel(), tr_y)  # images stay with their labels
-    assert split_validation(images, labels, 0.1, seed=3)[3].tolist() == va_y.tolist()
-    assert split_validation(images, labels, 0.1, seed=4)[3].tolist() != va_y.tolist()
+    train, val = split_validation(1000, 0.1, seed=3)
+    assert len(val) == 100 and len(train) == 900
+    assert not set(train) & set(val) and set(train) | set(val) == set(range(1000))
+    assert split_validation(1000, 0.1, seed=3)[1].tolist() == val.tolist()
+    assert split_validation(1000, 0.1, seed=4)[1].tolist() != val.tolist()
+
+
+def test_dataset_over_indices_gathers_only_those_images():
+    labels = np.arange(40, dtype=np.int32) % 28
+    images = make_images(labels, np.random.default_rng(0))
+    train, val = split_validation(40, 0.25, seed=0)
+    got = np.concatenate([y.numpy() for _, y in make_dataset(images, labels, 8, training=False, indices=val)])
+    assert got.tolist() == labels[val].tolist()
+    seen = np.concatenate([y.numpy() for _, y in make_dataset(images, labels, 8, training=True, indices=train)])
+    assert sorted(seen.tolist()) == sorted(labels[train].tolist())
 
 
 def test_dataset_batches_shuffles_each_epoch_and_keeps_pairs():

@@ -98,14 +98,16 @@ def load_split(task: Task, part: str, config: TrainConfig) -> tuple[np.ndarray, 
     return np.ascontiguousarray(images), task.map_labels(source_labels)
 
 
-def split_validation(images, labels, fraction: float, seed: int):
-    """Seeded, disjoint (train_images, train_labels, val_images, val_labels)."""
-    order = np.random.default_rng(seed).permutation(len(labels))
-    n_val = max(1, int(round(len(labels) * fraction)))
-    if n_val >= len(labels):
-        raise DataError(f"{len(labels)} train images are too few to hold out a validation split; use more data")
-    val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
-    return images[train], labels[train], images[val], labels[val]
+def split_validation(num_examples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, disjoint (train_indices, validation_indices), each sorted.
+
+    Indices, not copies: train and validation datasets gather from the one image array.
+    """
+    n_val = max(1, int(round(num_examples * fraction)))
+    if n_val >= num_examples:
+        raise DataError(f"{num_examples} train images are too few to hold out a validation split; use more data")
+    order = np.random.default_rng(seed).permutation(num_examples)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 def random_affine(images, strength: float, seed: int | None = None):
@@ -148,23 +150,27 @@ def to_model_input(images, upright: bool = True):
     return tf.cast(images, tf.float32) / 255.0
 
 
-def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, training: bool,
+def make_dataset(images, labels, batch_size: int, *, training: bool, indices: np.ndarray | None = None,
                  seed: int = 0, upright: bool = True, augment: float = 0.0):
-    """A batched tf.data pipeline over uint8 images kept in memory once.
+    """A batched tf.data pipeline over uint8 images held in memory once.
 
-    The uint8 arrays are the cache (522 MiB for all of ByMerge train, a quarter of float32).
-    Training shuffles indices (seeded, reshuffled every epoch) and gathers each batch, so the
-    shuffle buffer holds 8-byte indices, not images. Scaling, the transpose and (training
-    only) augmentation run per batch after the gather; batches are prefetched, to the GPU
-    when there is one.
+    `images` (uint8 [N, 28, 28], numpy or a tf.Tensor shared between datasets) is the cache:
+    522 MiB for all of ByMerge train, a quarter of float32. The pipeline shuffles `indices`
+    (default: all; seeded, reshuffled every epoch) and gathers each batch, so the shuffle
+    buffer holds 8-byte indices, not images. Scaling, the transpose and (training only)
+    augmentation run per batch after the gather; batches are prefetched, to the GPU when
+    there is one.
     """
     import tensorflow as tf
 
-    images_t = tf.constant(images, tf.uint8)
-    labels_t = tf.constant(labels, tf.int32)
-    ds = tf.data.Dataset.range(len(labels))
+    images_t = tf.convert_to_tensor(images, tf.uint8)
+    labels_t = tf.convert_to_tensor(labels, tf.int32)
+    if indices is None:
+        ds = tf.data.Dataset.range(int(images_t.shape[0]))
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(np.asarray(indices, np.int64))
     if training:
-        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(ds.cardinality(), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
 
     def load_batch(index):

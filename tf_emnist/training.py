@@ -180,16 +180,16 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
         tf.config.experimental.enable_op_determinism()
 
     images, labels = load_split(task, "train", config)
-    train_x, train_y, val_x, val_y = split_validation(images, labels, config.validation_split, config.seed)
-    del images, labels
+    images = tf.convert_to_tensor(images)  # one copy, shared by the train and validation pipelines
+    train_idx, val_idx = split_validation(len(labels), config.validation_split, config.seed)
     strategy = distribution_strategy(config.strategy)
     global_batch = config.batch_size * strategy.num_replicas_in_sync
-    train_ds = make_dataset(train_x, train_y, global_batch, training=True, seed=config.seed,
+    train_ds = make_dataset(images, labels, global_batch, training=True, indices=train_idx, seed=config.seed,
                             upright=config.upright, augment=config.augment)
-    val_ds = make_dataset(val_x, val_y, global_batch, training=False, upright=config.upright)
-    steps = count_steps(len(train_y), global_batch)
+    val_ds = make_dataset(images, labels, global_batch, training=False, indices=val_idx, upright=config.upright)
+    steps = count_steps(len(train_idx), global_batch)
     log.info("%s: %d train / %d validation images, %d steps an epoch, %d replica(s)",
-             task.name, len(train_y), len(val_y), steps, strategy.num_replicas_in_sync)
+             task.name, len(train_idx), len(val_idx), steps, strategy.num_replicas_in_sync)
 
     with strategy.scope():
         model = compile_model(build_model(config, task.num_classes), config, steps, track_batch_loss=True)
@@ -199,7 +199,7 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
               callbacks=_callbacks(run_dir, config, steps))
 
     state = read_json(state_path)
-    state.update(finished=True, train_examples=int(len(train_y)), validation_examples=int(len(val_y)))
+    state.update(finished=True, train_examples=int(len(train_idx)), validation_examples=int(len(val_idx)))
     write_json(state_path, state)
     write_training_plots(run_dir)
     return state

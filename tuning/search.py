@@ -44,9 +44,11 @@ def make_hypermodel(base: TrainConfig, space: dict, num_classes: int, num_train:
 
         def fit(self, hp, model, train, validation, epochs=1, callbacks=(), verbose=2, **kwargs):
             config = self.config_for(hp)  # batch_size reaches the data here, as keras-tuner intends
-            train_ds = make_dataset(*train, config.batch_size, training=True, seed=config.seed,
-                                    upright=config.upright, augment=config.augment)
-            val_ds = make_dataset(*validation, config.batch_size, training=False, upright=config.upright)
+            (images, labels, train_idx), (_, _, val_idx) = train, validation
+            train_ds = make_dataset(images, labels, config.batch_size, training=True, indices=train_idx,
+                                    seed=config.seed, upright=config.upright, augment=config.augment)
+            val_ds = make_dataset(images, labels, config.batch_size, training=False, indices=val_idx,
+                                  upright=config.upright)
             stop = keras.callbacks.EarlyStopping(monitor=OBJECTIVE, mode="max", patience=patience)
             start = time.perf_counter()
             history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose,
@@ -181,6 +183,7 @@ def run_search(base: TrainConfig, space: dict, *, tuner_kind: str = "random", ma
     Returns best_config (None on a worker, which only runs trials).
     """
     import keras
+    import tensorflow as tf
 
     from tf_emnist.data import load_split, split_validation
 
@@ -188,14 +191,14 @@ def run_search(base: TrainConfig, space: dict, *, tuner_kind: str = "random", ma
         raise ValueError(f"unknown tuner {tuner_kind!r}; choose one of: {', '.join(TUNERS)}")
     task = get_task(base.task)
     images, labels = load_split(task, "train", base)  # the test split is never read here
-    train_x, train_y, val_x, val_y = split_validation(images, labels, base.validation_split, base.seed)
-    del images, labels
-    hypermodel = make_hypermodel(base, space, task.num_classes, len(train_y), patience)
+    images = tf.convert_to_tensor(images)  # one copy, shared by every trial's pipelines
+    train_idx, val_idx = split_validation(len(labels), base.validation_split, base.seed)
+    hypermodel = make_hypermodel(base, space, task.num_classes, len(train_idx), patience)
     tuner = make_tuner(tuner_kind, hypermodel, output=output, project=f"{task.name}-{tuner_kind}",
                        max_trials=max_trials, max_epochs=max_epochs, seed=base.seed, overwrite=overwrite)
     role = os.environ.get("KERASTUNER_TUNER_ID", "")
     tensorboard = keras.callbacks.TensorBoard(os.path.join(output, "tensorboard"))  # keras-tuner adds HParams
-    tuner.search((train_x, train_y), (val_x, val_y), epochs=max_epochs, verbose=verbose, callbacks=[tensorboard])
+    tuner.search((images, labels, train_idx), (images, labels, val_idx), epochs=max_epochs, verbose=verbose, callbacks=[tensorboard])
     if role.startswith("tuner"):  # a worker: the chief writes the results
         return None
     rows = trial_rows(tuner)

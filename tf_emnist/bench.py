@@ -1,0 +1,210 @@
+"""Benchmark: tf-emnist beside the study's PyTorch yardstick, same shapes, same machine, one run."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from tf_emnist.config import TrainConfig
+from tf_emnist.tasks import get_task
+
+FULL_TRAIN = 697_932  # images in ByMerge train: the memory goal's size
+DEFAULT_BASELINE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "baselines", "seed_torch_lstm.py")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def synthetic(n: int, num_classes: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, num_classes, n).astype(np.int32)
+
+
+def pipeline_samples_per_s(images, labels, batch_size: int, epochs: int = 2) -> float:
+    """The input pipeline alone, as training runs it (shuffle, gather, transpose, scale)."""
+    from tf_emnist.data import make_dataset
+
+    ds = make_dataset(images, labels, batch_size, training=True)
+    for _ in ds.take(5):  # warm up
+        pass
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for _ in ds:
+            pass
+    return epochs * len(labels) / (time.perf_counter() - start)
+
+
+def training_samples_per_s(config: TrainConfig, images, labels, steps: int, warmup: int = 5) -> float:
+    """Steady-state Keras training (compile + fit, as `train` runs it) after `warmup` steps."""
+    from tf_emnist.data import make_dataset
+    from tf_emnist.model import build_model, compile_model
+
+    task = get_task(config.task)
+    model = compile_model(build_model(config, task.num_classes), config, track_batch_loss=True)
+    ds = make_dataset(images, labels, config.batch_size, training=True).repeat()
+    model.fit(ds, steps_per_epoch=warmup, epochs=1, verbose=0)
+    start = time.perf_counter()
+    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
+    return steps * config.batch_size / (time.perf_counter() - start)
+
+
+def inference_figures(config: TrainConfig, images, batch_size: int = 1024, repeats: int = 3) -> dict:
+    """Keras predict and the exported serving function (XLA and not): samples/s and 1-image latency."""
+    import tensorflow as tf
+
+    from tf_emnist.export import make_serving_function
+    from tf_emnist.model import build_model
+
+    task = get_task(config.task)
+    model = build_model(config, task.num_classes)
+    floats = images.astype(np.float32) / 255.0
+    figures = {}
+
+    def best_rate(fn, data):
+        fn(data[:batch_size])  # trace / compile
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for i in range(0, len(data), batch_size):
+                fn(data[i: i + batch_size])
+            times.append(time.perf_counter() - start)
+        return len(data) / min(times)
+
+    figures["keras_predict_samples_per_s"] = best_rate(lambda x: model.predict(x, batch_size=batch_size, verbose=0), floats)
+    for name, jit in (("serving_xla", True), ("serving_plain", False)):
+        serve = make_serving_function(model, task.class_names, config, jit_compile=jit)
+        figures[f"{name}_samples_per_s"] = best_rate(lambda x: serve(tf.constant(x))["logits"].numpy(), images)
+        one = tf.constant(images[:1])
+        serve(one)
+        latencies = []
+        for _ in range(100):
+            start = time.perf_counter()
+            serve(one)["logits"].numpy()
+            latencies.append(time.perf_counter() - start)
+        figures[f"{name}_latency_ms"] = 1000 * statistics.median(latencies)
+    return figures
+
+
+TORCH_LATENCY = """
+import importlib.util, json, statistics, sys, time, torch
+spec = importlib.util.spec_from_file_location("seed", sys.argv[1]); seed = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(seed)
+cfg = seed.PRESETS[sys.argv[2]]
+model = seed.SeedLSTM(cfg["hidden"], cfg["layers"], cfg["classes"]).eval()
+x = torch.rand(1, 28, 28)
+times = []
+with torch.inference_mode():
+    for _ in range(110):
+        t = time.perf_counter(); model(x); times.append(time.perf_counter() - t)
+print(json.dumps({"latency_ms": 1000 * statistics.median(times[10:])}))
+"""
+
+
+def torch_figures(baseline: str, task: str, steps: int) -> dict | None:
+    """The PyTorch yardstick's own training/inference figures (its script) and 1-image latency."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return None
+    n = steps * 256
+    run = subprocess.run([sys.executable, baseline, "--task", task, "--synthetic", str(max(n, 10240)),
+                          "--max-steps", str(steps), "--epochs", "1"], capture_output=True, text=True, check=True)
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    latency = subprocess.run([sys.executable, "-c", TORCH_LATENCY, baseline, task], capture_output=True, text=True, check=True)
+    figures.update(json.loads(latency.stdout.strip().splitlines()[-1]))
+    return figures
+
+
+def memory_probe(task: str = "merged", steps: int = 10) -> dict:
+    """Peak RSS of a process that trains on a full-size (697,932-image) uint8 train split."""
+    code = (
+        "import json, resource, numpy as np\n"
+        "from tf_emnist.bench import synthetic\n"
+        "from tf_emnist.config import TrainConfig\n"
+        "from tf_emnist.data import make_dataset, split_validation\n"
+        "from tf_emnist.model import build_model, compile_model\n"
+        "from tf_emnist.tasks import get_task\n"
+        "import tensorflow as tf\n"
+        f"task = get_task({task!r}); config = task.preset\n"
+        f"images, labels = synthetic({FULL_TRAIN}, task.num_classes)\n"
+        "images = tf.convert_to_tensor(images)\n"
+        "train_idx, val_idx = split_validation(len(labels), 0.1, 0)\n"
+        "ds = make_dataset(images, labels, 256, training=True, indices=train_idx)\n"
+        "model = compile_model(build_model(config, task.num_classes), config, track_batch_loss=True)\n"
+        f"model.fit(ds.take({steps}), verbose=0)\n"
+        "print(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def run_benchmark(tasks=("digit-letter", "merged"), *, steps: int = 30, rounds: int = 2,
+                  baseline: str = DEFAULT_BASELINE, memory: bool = True, jit_compile: bool | None = None) -> dict:
+    """All figures for each preset; Keras and PyTorch alternate `rounds` times and the medians are kept."""
+    import tensorflow as tf
+
+    results = {"cpu": cpu_name(), "tensorflow": tf.__version__, "gpus": len(tf.config.list_logical_devices("GPU")),
+               "steps": steps, "rounds": rounds, "tasks": {}}
+    for name in tasks:
+        task = get_task(name)
+        config = task.preset.replace(jit_compile=jit_compile)
+        images, labels = synthetic(max(steps, 40) * config.batch_size, task.num_classes)
+        keras_rates, torch_runs = [], []
+        for _ in range(rounds):
+            keras_rates.append(training_samples_per_s(config, images, labels, steps))
+            torch_run = torch_figures(baseline, name, steps) if os.path.exists(baseline) else None
+            if torch_run:
+                torch_runs.append(torch_run)
+        row = {
+            "pipeline_samples_per_s": pipeline_samples_per_s(images, labels, config.batch_size),
+            "train_samples_per_s": statistics.median(keras_rates),
+            **inference_figures(config, images[:10240]),
+        }
+        if torch_runs:
+            row["torch_train_samples_per_s"] = statistics.median(r["train_samples_per_s"] for r in torch_runs)
+            row["torch_infer_samples_per_s"] = statistics.median(r["infer_samples_per_s"] for r in torch_runs)
+            row["torch_latency_ms"] = statistics.median(r["latency_ms"] for r in torch_runs)
+            row["train_ratio"] = row["train_samples_per_s"] / row["torch_train_samples_per_s"]
+            row["serving_ratio"] = row["serving_xla_samples_per_s"] / row["torch_infer_samples_per_s"]
+            row["predict_ratio"] = row["keras_predict_samples_per_s"] / row["torch_infer_samples_per_s"]
+        row["pipeline_over_training"] = row["pipeline_samples_per_s"] / row["train_samples_per_s"]
+        results["tasks"][name] = row
+    if memory:
+        results["full_train_peak_rss_mb"] = memory_probe()["peak_rss_mb"]
+    results["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return results
+
+
+def format_table(results: dict) -> str:
+    rows = [("figure", *results["tasks"])]
+    keys = list(dict.fromkeys(k for row in results["tasks"].values() for k in row))
+    for key in keys:
+        cells = []
+        for row in results["tasks"].values():
+            value = row.get(key)
+            cells.append("-" if value is None else (f"{value:.2f}" if "ratio" in key or "over" in key or "ms" in key
+                                                    else f"{value:,.0f}"))
+        rows.append((key, *cells))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"CPU: {results['cpu']}, TensorFlow {results['tensorflow']}, GPUs: {results['gpus']}"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    if "full_train_peak_rss_mb" in results:
+        lines.append(f"peak RSS training on a full-size ByMerge train split ({FULL_TRAIN:,} images): "
+                     f"{results['full_train_peak_rss_mb']:,.0f} MB")
+    return "\n".join(lines)
