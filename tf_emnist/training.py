@@ -180,7 +180,6 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
         tf.config.experimental.enable_op_determinism()
 
     images, labels = load_split(task, "train", config)
-    images = tf.convert_to_tensor(images)  # one copy, shared by the train and validation pipelines
     train_idx, val_idx = split_validation(len(labels), config.validation_split, config.seed)
     strategy = distribution_strategy(config.strategy)
     global_batch = config.batch_size * strategy.num_replicas_in_sync

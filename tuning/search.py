@@ -183,7 +183,6 @@ def run_search(base: TrainConfig, space: dict, *, tuner_kind: str = "random", ma
     Returns best_config (None on a worker, which only runs trials).
     """
     import keras
-    import tensorflow as tf
 
     from tf_emnist.data import load_split, split_validation
 
@@ -191,7 +190,6 @@ def run_search(base: TrainConfig, space: dict, *, tuner_kind: str = "random", ma
         raise ValueError(f"unknown tuner {tuner_kind!r}; choose one of: {', '.join(TUNERS)}")
     task = get_task(base.task)
     images, labels = load_split(task, "train", base)  # the test split is never read here
-    images = tf.convert_to_tensor(images)  # one copy, shared by every trial's pipelines
     train_idx, val_idx = split_validation(len(labels), base.validation_split, base.seed)
     hypermodel = make_hypermodel(base, space, task.num_classes, len(train_idx), patience)
     tuner = make_tuner(tuner_kind, hypermodel, output=output, project=f"{task.name}-{tuner_kind}",
