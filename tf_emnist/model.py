@@ -9,11 +9,11 @@ from tf_emnist.config import TrainConfig
 TIME_STEPS = FEATURES = 28
 
 
-def build_model(config: TrainConfig, num_classes: int):
+def build_model(config: TrainConfig, num_classes: int, *, use_cudnn="auto"):
     """Input (28, 28) -> LSTM x num_layers -> Dropout -> Dense(num_classes) logits.
 
     The LSTMs keep Keras's defaults (tanh/sigmoid, no recurrent dropout, no unroll), which
-    is what selects the cuDNN kernel on a GPU.
+    is what selects the cuDNN kernel on a GPU; `use_cudnn=False` forbids it (to measure it).
     """
     import keras
 
@@ -21,7 +21,8 @@ def build_model(config: TrainConfig, num_classes: int):
     layers = [keras.Input((TIME_STEPS, FEATURES), name="rows")]
     for i in range(config.num_layers):
         lstm = keras.layers.LSTM(
-            config.hidden_dim, return_sequences=i < config.num_layers - 1, dtype=dtype, name=f"lstm_{i}"
+            config.hidden_dim, return_sequences=i < config.num_layers - 1, dtype=dtype, use_cudnn=use_cudnn,
+            name=f"lstm_{i}",
         )
         layers.append(keras.layers.Bidirectional(lstm, name=f"bilstm_{i}") if config.bidirectional else lstm)
     layers += [

@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""GPU check (under 5 minutes on one GPU): epoch time of both presets on full-size synthetic data.
+
+For each preset: float32 with cuDNN, mixed precision (float16) with cuDNN, and float32
+without cuDNN (use_cudnn=False) on a slice, scaled to an epoch. Prints a table and JSON.
+Usage: python scripts/gpu_check.py [--fraction 0.25]
+"""
+import argparse
+import json
+import time
+
+import numpy as np
+
+from tf_emnist.bench import FULL_TRAIN, synthetic
+from tf_emnist.data import make_dataset
+from tf_emnist.model import build_model, compile_model, steps_per_epoch
+from tf_emnist.tasks import get_task
+
+
+def epoch_seconds(config, images, labels, *, use_cudnn="auto", max_steps=None):
+    task = get_task(config.task)
+    model = compile_model(build_model(config, task.num_classes, use_cudnn=use_cudnn), config)
+    ds = make_dataset(images, labels, config.batch_size, training=True)
+    model.fit(ds.take(10), verbose=0)  # build, trace, warm up
+    steps = steps_per_epoch(len(labels), config.batch_size)
+    timed = min(steps, max_steps or steps)
+    start = time.perf_counter()
+    model.fit(ds.take(timed), verbose=0)
+    return (time.perf_counter() - start) * steps / timed
+
+
+def main():
+    import tensorflow as tf
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fraction", type=float, default=0.25, help="share of an epoch timed (then scaled)")
+    args = parser.parse_args()
+    gpus = tf.config.list_logical_devices("GPU")
+    print(f"GPUs: {[g.name for g in gpus]}, TensorFlow {tf.__version__}")
+    rows = {}
+    for name in ("digit-letter", "merged"):
+        task = get_task(name)
+        images, labels = synthetic(FULL_TRAIN, task.num_classes)
+        steps = int(steps_per_epoch(FULL_TRAIN, 256) * args.fraction)
+        base = task.preset.replace(jit_compile=False)
+        row = {
+            "float32_cudnn_s": epoch_seconds(base, images, labels, max_steps=steps),
+            "mixed_float16_cudnn_s": epoch_seconds(base.replace(mixed_precision=True), images, labels, max_steps=steps),
+            "float32_no_cudnn_s": epoch_seconds(base, images, labels, use_cudnn=False, max_steps=max(20, steps // 10)),
+        }
+        row["samples_per_s_float32"] = FULL_TRAIN / row["float32_cudnn_s"]
+        row["study_epochs_min_float32"] = row["float32_cudnn_s"] * task.preset.epochs / 60
+        rows[name] = row
+        print(name, {k: round(v, 1) for k, v in row.items()}, flush=True)
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    np.random.seed(0)
+    main()
