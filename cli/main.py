@@ -61,10 +61,15 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
-    from tf_emnist.training import default_run_dir, train_and_evaluate
+    from tf_emnist.training import default_run_dir, train, train_and_evaluate
 
     config = resolve_config(args)
     run_dir = args.output or default_run_dir(config)
+    if not args.evaluate:  # choosing settings: validation only, the test split stays unseen
+        state = train(config, run_dir)
+        print(f"{config.task}: best validation accuracy {state['best_val_accuracy']:.4%} (epoch {state['best_epoch']}), "
+              f"{state['train_seconds'] / 60:.1f} min; evaluate later with `tf-emnist evaluate {run_dir}`")
+        return 0
     metrics = train_and_evaluate(config, run_dir)
     _print_summary(metrics, run_dir)
     return 0
@@ -175,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train, validate each epoch, evaluate the best model on the test split. "
                                        "Rerunning the same command resumes an interrupted run.")
     train.add_argument("--config", metavar="JSON", help="settings file (e.g. a tune run's best_config.json); flags override it")
+    train.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                       help="evaluate on the test split after training (--no-evaluate: validation only)")
     train.add_argument("--output", metavar="DIR", help="run directory (default: runs/<task>-<timestamp>, "
                                                        "or the unfinished run of the same settings)")
     add_config_flags(train)

@@ -170,3 +170,12 @@ def test_mirrored_strategy_over_two_logical_cpus(nist_dir, tmp_path):
                          jit_compile=False, strategy="mirrored")
     metrics = train_module.train_and_evaluate(config, str(tmp_path / "run"), verbose=0)
     assert metrics["test_examples"] == 120 and np.isfinite(metrics["test_loss"])
+
+
+def test_no_evaluate_leaves_the_test_split_for_later(nist_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli("train", "--data-dir", nist_dir, "--output", run, "--epochs", 1, "--no-evaluate", *TINY) == 0
+    assert "best validation accuracy" in capsys.readouterr().out
+    assert not (run / "metrics.json").exists() and (run / "model.keras").exists()
+    assert run_cli("evaluate", run) == 0
+    assert json.loads((run / "metrics.json").read_text())["test_examples"] == 120
