@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
+
+from tf_emnist.files import read_json_object
 
 
 def _field(default, help: str, *, hyper: bool = False):
@@ -120,14 +121,6 @@ def coerce(name: str, value: Any) -> Any:
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Settings from a JSON file (config.json or best_config.json), checked and typed."""
-    try:
-        with open(path) as f:
-            values = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"config file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"config file {path} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a JSON object of settings")
+    values = read_json_object(path, "config file")
     check_keys(values, str(path))
     return {k: coerce(k, v) for k, v in values.items()}

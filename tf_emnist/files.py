@@ -45,6 +45,20 @@ def read_json(path: str | os.PathLike):
         return json.load(f)
 
 
+def read_json_object(path: str | os.PathLike, what: str) -> dict:
+    """A JSON object from a user's file, or a one-line ValueError naming `what` and the problem."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object")
+    return value
+
+
 def save_figure(figure, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=120, bbox_inches="tight")

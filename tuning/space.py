@@ -1,10 +1,10 @@
 """The search space, kept once as data, and how command-line or file overrides narrow it."""
 from __future__ import annotations
 
-import json
 import os
 
 from tf_emnist.config import FIELDS, HYPERPARAMETERS, coerce
+from tf_emnist.files import read_json_object
 
 # Names are TrainConfig's (and the CLI flags'): one name per hyperparameter everywhere.
 SEARCH_SPACE: dict[str, dict] = {
@@ -35,15 +35,7 @@ def parse_override(text: str) -> tuple[str, dict]:
 
 def read_space_file(path: str | os.PathLike) -> dict[str, dict]:
     """A JSON object: name -> a fixed value, [choices], or {"min": .., "max": .., ...}."""
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"search space file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"search space file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"search space file {path} must hold a JSON object of name -> spec")
+    raw = read_json_object(path, "search space file")
     specs = {}
     for name, value in raw.items():
         if isinstance(value, dict):
