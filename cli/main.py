@@ -28,7 +28,7 @@ def _typed(name: str):
     return parse
 
 
-def add_config_flags(parser: argparse.ArgumentParser, *, skip=("task",)) -> None:
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (`hidden_dim` -> `--hidden-dim`), unset unless given."""
     from tf_emnist.tasks import TASKS
 
@@ -36,7 +36,7 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip=("task",)) -> None
                         help="what to classify (default: the --config file's, else merged)")
     group = parser.add_argument_group("settings (each defaults to the task's preset)")
     for name, field in FIELDS.items():
-        if name in skip:
+        if name == "task":
             continue
         flag = "--" + name.replace("_", "-")
         help_text = field.metadata["help"]
