@@ -1,0 +1,34 @@
+#!/usr/bin/env python3
+"""Print the README's results table (markdown) from the files under results/."""
+import json
+import os
+import sys
+
+root = sys.argv[1] if len(sys.argv) > 1 else "results"
+STUDY = {"merged": (0.9007, 14.0), "digit-letter": (0.9206, 13.9)}
+
+
+def load(name):
+    path = os.path.join(root, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    return json.loads(text.splitlines()[-1] if name.endswith(".json") and text.startswith("{\"framework") else text)
+
+
+print("| task | model | train images | test accuracy | errors / 116,323 | training time |")
+print("|---|---|---|---|---|---|")
+for task in ("merged", "digit-letter"):
+    accuracy, minutes = STUDY[task]
+    print(f"| {task} | the study, PyTorch (as reported; full train split, P100) | 697,932 | {accuracy:.2%} | - | {minutes} min |")
+    torch = load(f"torch-{task}.json")
+    if torch:
+        errors = round((1 - torch["test_accuracy"]) * torch["test_samples"])
+        print(f"| {task} | the study's model, PyTorch (`seed_torch_lstm.py`), here | {torch['train_samples'] // 8 if task == 'digit-letter' else torch['train_samples'] // 7:,} "
+              f"| {torch['test_accuracy']:.2%} | {errors:,} | {torch['train_s'] / 60:.1f} min |")
+    for run, label in ((f"study-{task}", "tf-emnist, study preset"), (f"tuned-{task}", "tf-emnist, tuned (`tune` best, 7 epochs)")):
+        metrics = load(os.path.join(run, "metrics.json"))
+        if metrics:
+            print(f"| {task} | {label} | {metrics['train_examples']:,} (+{metrics['validation_examples']:,} validation) "
+                  f"| **{metrics['test_accuracy']:.2%}** | {metrics['test_errors']:,} | {metrics['train_seconds'] / 60:.1f} min |")
