@@ -14,7 +14,7 @@ def load(name):
         return None
     with open(path) as f:
         text = f.read().strip()
-    return json.loads(text.splitlines()[-1] if name.endswith(".json") and text.startswith("{\"framework") else text)
+    return json.loads(text) if text else None
 
 
 print("| task | model | train images | test accuracy | errors / 116,323 | training time |")
@@ -25,7 +25,8 @@ for task in ("merged", "digit-letter"):
     torch = load(f"torch-{task}.json")
     if torch:
         errors = round((1 - torch["test_accuracy"]) * torch["test_samples"])
-        print(f"| {task} | the study's model, PyTorch (`seed_torch_lstm.py`), here | {torch['train_samples'] // 8 if task == 'digit-letter' else torch['train_samples'] // 7:,} "
+        epochs = 8 if task == "digit-letter" else 7
+        print(f"| {task} | the study's model, PyTorch (`seed_torch_lstm.py`), here | {torch['train_samples'] // epochs:,} "
               f"| {torch['test_accuracy']:.2%} | {errors:,} | {torch['train_s'] / 60:.1f} min |")
     for run, label in ((f"study-{task}", "tf-emnist, study preset"), (f"tuned-{task}", "tf-emnist, tuned (`tune` best, 7 epochs)")):
         metrics = load(os.path.join(run, "metrics.json"))
