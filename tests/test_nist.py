@@ -90,10 +90,13 @@ def test_gzip_zip_is_accepted(tmp_path, nist_dir):
 
 def test_provenance_by_sha256(nist_dir):
     folder = NistFolder(nist_dir, "bymerge")
-    assert folder.provenance("emnist-bymerge-test-images-idx3-ubyte.gz") == "NOT the official NIST file"
-    assert folder.provenance("emnist-bymerge-train-images-idx3-ubyte.gz").startswith("unverified")
+    folder.load("test", 47)
+    folder.load("train", 47)
+    folder.read_mapping()
+    assert folder.provenance["emnist-bymerge-test-images-idx3-ubyte.gz"] == "NOT the official NIST file"
+    assert folder.provenance["emnist-bymerge-train-images-idx3-ubyte.gz"].startswith("unverified")
     mapping = os.path.join(nist_dir, "emnist-bymerge-mapping.txt")
     with open(mapping, "rb") as f:
         # The fake mapping is written exactly as NIST's, so its checksum must match.
         assert hashlib.sha256(f.read()).hexdigest() == OFFICIAL_SHA256["emnist-bymerge-mapping.txt"]
-    assert folder.provenance("emnist-bymerge-mapping.txt") == "official"
+    assert folder.provenance["emnist-bymerge-mapping.txt"] == "official"

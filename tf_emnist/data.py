@@ -78,9 +78,8 @@ def load_split(task: Task, part: str, config: TrainConfig) -> tuple[np.ndarray, 
             )
         images, source_labels = folder.load(part, len(task.source_chars))
         for name in (file_name(task.split, part, "images"), file_name(task.split, part, "labels")):
-            status = folder.provenance(name)
-            if status != "official":
-                log.warning("note: %s is %s", name, status)
+            if folder.provenance[name] != "official":
+                log.warning("note: %s is %s", name, folder.provenance[name])
         official = OFFICIAL_COUNTS.get((task.split, part))
         if official and len(images) != official:
             log.warning("note: %s split has %d images; the official one has %d", part, len(images), official)

@@ -70,6 +70,7 @@ class NistFolder:
         self.split = split
         if not os.path.exists(self.path):
             raise DataError(f"data dir {self.path} does not exist; pass --data-dir a folder with the NIST EMNIST files")
+        self.provenance: dict[str, str] = {}  # file name -> 'official', 'NOT the official ...', 'unverified ...'
         zip_path = self.path if self.path.endswith(".zip") else os.path.join(self.path, "gzip.zip")
         self._zip = zipfile.ZipFile(zip_path) if os.path.isfile(zip_path) else None
 
@@ -89,7 +90,10 @@ class NistFolder:
         return None
 
     def read(self, name: str) -> tuple[bytes, str]:
-        """Bytes of file `name`, decompressed; raises DataError when it is missing or corrupt."""
+        """Bytes of file `name`, decompressed; raises DataError when it is missing or corrupt.
+
+        Records the file's provenance (see `provenance`) from the bytes read.
+        """
         found = self._read_member(name)
         if found is None:
             raise DataError(
@@ -98,23 +102,18 @@ class NistFolder:
                 f"emnist-{self.split}-mapping.txt) or gzip.zip"
             )
         raw, found_name = found
+        official = OFFICIAL_SHA256.get(found_name)
+        if official is None:
+            self.provenance[name] = "unverified (no official checksum on record)"
+        else:
+            matches = hashlib.sha256(raw).hexdigest() == official
+            self.provenance[name] = "official" if matches else "NOT the official NIST file"
         if found_name.endswith(".gz"):
             try:
                 return gzip.decompress(raw), found_name
             except (OSError, EOFError) as e:
                 raise DataError(f"{found_name} in {self.path} is not a valid gzip file ({e}); re-download it") from None
         return raw, found_name
-
-    def provenance(self, name: str) -> str:
-        """'official', 'NOT official' or 'unverified' for file `name`, by its sha256."""
-        found = self._read_member(name)
-        if found is None:
-            return "missing"
-        raw, found_name = found
-        official = OFFICIAL_SHA256.get(found_name)
-        if official is None:
-            return "unverified (no official checksum on record)"
-        return "official" if hashlib.sha256(raw).hexdigest() == official else "NOT the official NIST file"
 
     def read_mapping(self) -> str:
         """The split's characters, label by label, from emnist-<split>-mapping.txt."""

@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 
-from tf_emnist.files import read_json
 
 BORDER = 2  # pixels of padding around the centred character, as in the EMNIST paper
 
@@ -100,27 +99,19 @@ class Predictor:
 
         if os.path.isfile(os.path.join(path, "saved_model.pb")):
             self.serve = tf.saved_model.load(path).signatures["serving_default"]
-            self.source = "SavedModel"
+            with open(os.path.join(path, "assets.extra", "labels.txt")) as f:
+                self.class_names = [line.rstrip("\n") for line in f if line.strip()]
         elif os.path.isfile(os.path.join(path, "model.keras")):
             from tf_emnist.export import load_run, make_serving_function
 
             model, config, task = load_run(path)
             self.serve = make_serving_function(model, task.class_names, config)
-            self.source = "run directory"
+            self.class_names = list(task.class_names)
         else:
             raise FileNotFoundError(
                 f"{path} is neither a SavedModel (saved_model.pb) nor a tf-emnist run (model.keras); "
                 "pass `tf-emnist export`'s output or a run directory"
             )
-        names_path = os.path.join(path, "assets.extra", "labels.txt")
-        config_path = os.path.join(path, "config.json")
-        if os.path.isfile(names_path):
-            with open(names_path) as f:
-                self.class_names = [line.rstrip("\n") for line in f if line.strip()]
-        else:
-            from tf_emnist.tasks import get_task
-
-            self.class_names = list(get_task(read_json(config_path)["task"]).class_names)
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         import tensorflow as tf
