@@ -1,5 +1,4 @@
 """Data sources and the tf.data pipeline: orientation, labels, splits, shuffling, augmentation."""
-import os
 import socket
 import time
 

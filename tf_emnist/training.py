@@ -10,10 +10,9 @@ import os
 import sys
 import time
 
-import numpy as np
 
 from tf_emnist.config import TrainConfig
-from tf_emnist.files import atomic_path, read_json, save_figure, write_json
+from tf_emnist.files import atomic_path, read_json, save_figure, write_csv, write_json
 from tf_emnist.tasks import get_task
 
 log = logging.getLogger("tf_emnist")
@@ -90,7 +89,7 @@ def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int):
             if step % config.log_every == 0:
                 self.rows.append({"step": step, "epoch": self.epoch + 1, "loss": loss, "best_loss": self.best})
                 print(f"\nstep {step}: batch loss {loss:.4f}, best batch loss {self.best:.4f}", flush=True)
-                _write_csv(self.path, self.rows)
+                write_csv(self.path, self.rows)
 
     class KeepBest(keras.callbacks.Callback):
         """Save model.keras (atomically) when validation accuracy improves; keep time and best in train_state.json."""
@@ -134,13 +133,6 @@ def _read_csv(path: str) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def _write_csv(path: str, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def read_history(run_dir: str) -> list[dict]:

@@ -1,7 +1,6 @@
 """keras-tuner search over the one model builder: HyperModel, tuners, results, distributed mode."""
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -11,7 +10,7 @@ import time
 import numpy as np
 
 from tf_emnist.config import HYPERPARAMETERS, TrainConfig
-from tf_emnist.files import atomic_path, save_figure, write_json
+from tf_emnist.files import save_figure, write_csv, write_json
 from tf_emnist.tasks import get_task
 from tuning.space import define
 
@@ -118,14 +117,6 @@ def trial_rows(tuner) -> list[dict]:
     return rows
 
 
-def write_results(rows: list[dict], path: str) -> None:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def format_results(rows: list[dict]) -> str:
     columns = list(dict.fromkeys(k for row in rows for k in row))
 
@@ -200,7 +191,7 @@ def run_search(base: TrainConfig, space: dict, *, tuner_kind: str = "random", ma
     if role.startswith("tuner"):  # a worker: the chief writes the results
         return None
     rows = trial_rows(tuner)
-    write_results(rows, os.path.join(output, "results.csv"))
+    write_csv(os.path.join(output, "results.csv"), rows)
     print(format_results(rows))
     if any(r[OBJECTIVE] is not None for r in rows):
         save_figure(plot_trials(rows), os.path.join(output, "trials.png"))
