@@ -9,9 +9,9 @@ from PIL import Image, ImageDraw
 from cli.main import main
 from tests.conftest import write_nist_folder
 from tf_emnist.config import TrainConfig
-from tf_emnist.export import export_model, load_run
+from tf_emnist.export import export_model
 from tf_emnist.predict import emnist_like, read_inputs
-from tf_emnist.training import train
+from tf_emnist.training import load_run, train
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,8 @@ import os
 
 import numpy as np
 
-from tf_emnist.config import TrainConfig
 from tf_emnist.files import read_json, save_figure, write_json
-from tf_emnist.tasks import Task, get_task
+from tf_emnist.tasks import Task
 
 
 def predict_logits(model, images: np.ndarray, upright: bool = True, batch_size: int = 1024) -> np.ndarray:
@@ -57,26 +56,17 @@ def evaluate_run(run_dir: str | os.PathLike, *, limit_test: int | None = None, d
 
     `limit_test` and `data_dir` override the run's config (e.g. to evaluate elsewhere).
     """
-    import keras
-
     from tf_emnist.data import load_split
     from tf_emnist.plots import plot_confusion
+    from tf_emnist.training import STATE, load_run
 
     run_dir = os.fspath(run_dir)
-    model_path = os.path.join(run_dir, "model.keras")
-    config_path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(config_path) or not os.path.exists(model_path):
-        raise FileNotFoundError(
-            f"{run_dir} is not a finished tf-emnist run (needs config.json and model.keras); train one with `tf-emnist train`"
-        )
-    config = TrainConfig(**read_json(config_path))
+    model, config, task = load_run(run_dir)
     overrides = {k: v for k, v in (("limit_test", limit_test), ("data_dir", data_dir)) if v is not None}
     config = config.replace(**overrides)
-    task = get_task(config.task)
     images, labels = load_split(task, "test", config)
-    model = keras.saving.load_model(model_path, compile=False)
     metrics = compute_metrics(task, predict_logits(model, images, config.upright), labels)
-    state_path = os.path.join(run_dir, "train_state.json")
+    state_path = os.path.join(run_dir, STATE)
     if os.path.exists(state_path):
         metrics.update({k: v for k, v in read_json(state_path).items() if k != "finished"})
     write_json(os.path.join(run_dir, "metrics.json"), metrics)

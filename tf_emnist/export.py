@@ -6,8 +6,8 @@ import os
 import shutil
 
 from tf_emnist.config import TrainConfig
-from tf_emnist.files import atomic_path, read_json, write_json
-from tf_emnist.tasks import get_task
+from tf_emnist.files import atomic_path, write_json
+from tf_emnist.training import load_run
 
 log = logging.getLogger("tf_emnist")
 
@@ -46,19 +46,6 @@ def make_serving_function(model, class_names, config: TrainConfig, *, stored_ori
     return serve
 
 
-def load_run(run_dir: str):
-    """(keras model, TrainConfig, Task) of a finished run directory."""
-    import keras
-
-    config_path, model_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "model.keras")
-    if not (os.path.isfile(config_path) and os.path.isfile(model_path)):
-        raise FileNotFoundError(
-            f"{run_dir} is not a tf-emnist run with a model (needs config.json and model.keras); train one with `tf-emnist train`"
-        )
-    config = TrainConfig(**read_json(config_path))
-    return keras.saving.load_model(model_path, compile=False), config, get_task(config.task)
-
-
 def next_version(task_dir: str) -> int:
     """1 + the highest integer version folder in task_dir (1 when there is none)."""
     versions = [int(name) for name in os.listdir(task_dir) if name.isdigit()] if os.path.isdir(task_dir) else []
@@ -78,7 +65,7 @@ def export_model(run_dir: str, output_root: str = "saved_models", *, version: in
 
     model, config, task = load_run(run_dir)
     task_dir = os.path.join(output_root, task.name)
-    version = version or next_version(task_dir)
+    version = next_version(task_dir) if version is None else version
     if version < 1:
         raise ValueError(f"version must be a positive integer, got {version}")
     target = os.path.join(task_dir, str(version))

@@ -102,7 +102,8 @@ class Predictor:
             with open(os.path.join(path, "assets.extra", "labels.txt")) as f:
                 self.class_names = [line.rstrip("\n") for line in f if line.strip()]
         elif os.path.isfile(os.path.join(path, "model.keras")):
-            from tf_emnist.export import load_run, make_serving_function
+            from tf_emnist.export import make_serving_function
+            from tf_emnist.training import load_run
 
             model, config, task = load_run(path)
             self.serve = make_serving_function(model, task.class_names, config)

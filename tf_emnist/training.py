@@ -141,6 +141,19 @@ def read_history(run_dir: str) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+def load_run(run_dir: str):
+    """(keras model, TrainConfig, Task) of a run directory that holds a model."""
+    import keras
+
+    config_path, model_path = os.path.join(run_dir, CONFIG), os.path.join(run_dir, MODEL)
+    if not (os.path.isfile(config_path) and os.path.isfile(model_path)):
+        raise FileNotFoundError(
+            f"{run_dir} is not a tf-emnist run with a model (needs {CONFIG} and {MODEL}); train one with `tf-emnist train`"
+        )
+    config = TrainConfig(**read_json(config_path))
+    return keras.saving.load_model(model_path, compile=False), config, get_task(config.task)
+
+
 def distribution_strategy(name: str):
     """tf.distribute strategy: the default one, or MirroredStrategy over the local GPUs (else CPUs)."""
     import tensorflow as tf
