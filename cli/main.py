@@ -30,10 +30,12 @@ def _typed(name: str):
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (`hidden_dim` -> `--hidden-dim`), unset unless given."""
-    from tf_emnist.tasks import TASKS
+    from tf_emnist.tasks import PRESETS, TASKS
 
     parser.add_argument("--task", choices=list(TASKS), default=argparse.SUPPRESS,
                         help="what to classify (default: the --config file's, else merged)")
+    parser.add_argument("--preset", choices=list(PRESETS), default="study",
+                        help="the settings to start from: the study's, or the best measured here (default: study)")
     group = parser.add_argument_group("settings (each defaults to the task's preset)")
     for name, field in FIELDS.items():
         if name == "task":
@@ -47,7 +49,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """Task preset <- --config file <- command-line flags."""
+    """Task preset (--preset) <- --config file <- command-line flags."""
     from tf_emnist.tasks import get_task
 
     given = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
@@ -57,7 +59,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     for name in ("data_dir", "tfds_dir"):  # absolute, so the run's config works from any directory
         if settings.get(name):
             settings[name] = os.path.abspath(os.path.expanduser(settings[name]))
-    return task.preset.replace(**settings)
+    return task.get_preset(args.preset).replace(**settings)
 
 
 def cmd_train(args) -> int:
@@ -111,7 +113,8 @@ def cmd_tune(args) -> int:
     set_distributed_env(args.distributed, args.oracle_host, args.oracle_port, args.worker_id, args.connect_timeout)
     output = args.output or os.path.join("runs", f"tune-{base.task}-{args.tuner}")
     best = run_search(base, space, tuner_kind=args.tuner, max_trials=args.max_trials, max_epochs=args.max_epochs,
-                      output=output, overwrite=args.overwrite, patience=args.patience)
+                      output=output, overwrite=args.overwrite,
+                      patience=base.patience if hasattr(args, "patience") else 2)
     if best is not None:
         print(f"best configuration: {os.path.join(output, 'best_config.json')}\n"
               f"train it: tf-emnist train --config {os.path.join(output, 'best_config.json')}")
@@ -164,10 +167,16 @@ def cmd_bench(args) -> int:
 def cmd_tasks(args) -> int:
     from tf_emnist.tasks import TASKS
 
+    def describe(p) -> str:
+        levers = [f"{name} {getattr(p, name)}" for name in ("augment", "label_smoothing", "ema", "fine_labels", "patience")
+                  if getattr(p, name)] + ([f"{p.lr_schedule} lr"] if p.lr_schedule != "constant" else [])
+        kind = "BiLSTM" if p.bidirectional else "LSTM"
+        return ", ".join([f"{p.num_layers} x {p.hidden_dim} {kind}", f"{p.epochs} epochs", *levers])
+
     for task in TASKS.values():
-        p = task.preset
-        print(f"{task.name:13} {task.tfds_name:16} {task.num_classes:3} classes  "
-              f"preset: {p.num_layers} x {p.hidden_dim} LSTM, {p.epochs} epochs")
+        print(f"{task.name:13} {task.tfds_name:16} {task.num_classes:3} classes  study: {describe(task.preset)}")
+        if task.best is not None:
+            print(f"{'':48}best:  {describe(task.best)}")
     return 0
 
 
@@ -199,7 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--tuner", default="random", help="random, bayesian or hyperband (default random)")
     tune.add_argument("--max-trials", type=int, default=10, help="trials for random/bayesian (default 10)")
     tune.add_argument("--max-epochs", type=int, default=3, help="epochs per trial at most (default 3)")
-    tune.add_argument("--patience", type=int, default=2, help="stop a trial after N epochs without improvement")
     tune.add_argument("--space", action="append", default=[], metavar="NAME=SPEC",
                       help="narrow the space: name=value (fixed), name=min:max, name=a,b,c; repeatable")
     tune.add_argument("--space-file", metavar="JSON", help="search space overrides as a JSON object")

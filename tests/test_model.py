@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from tf_emnist.config import TrainConfig
-from tf_emnist.model import build_model, compile_model, expected_parameter_count, lstm_parameter_count
+from tf_emnist.model import build_model, compile_model, expected_parameter_count, lever_callbacks, lstm_parameter_count
 from tf_emnist.tasks import get_task
 
 
@@ -61,13 +61,14 @@ def test_a_train_step_changes_the_weights_and_lowers_the_loss(jit):
 
 @pytest.mark.parametrize("change", [
     dict(weight_decay=1e-4), dict(label_smoothing=0.1), dict(lr_schedule="cosine"), dict(clipnorm=1.0),
-    dict(mixed_precision=True),
+    dict(mixed_precision=True), dict(ema=0.9), dict(lr_schedule="plateau"), dict(bidirectional=True, augment=1.0),
 ])
 def test_each_lever_compiles_and_trains(change):
     config = TrainConfig(hidden_dim=8, num_layers=1, epochs=2, jit_compile=False, **change)
     model = compile_model(build_model(config, 4), config, steps_per_epoch=3)
     x = np.random.default_rng(0).random((16, 28, 28), dtype=np.float32)
-    logs = model.fit(x, np.arange(16) % 4, batch_size=8, epochs=1, verbose=0).history
+    logs = model.fit(x, np.arange(16) % 4, batch_size=8, epochs=1, verbose=0, validation_split=0.25,
+                     callbacks=lever_callbacks(config)).history
     assert np.isfinite(logs["loss"][0])
 
 
@@ -76,3 +77,23 @@ def test_invalid_config_values_are_named():
         TrainConfig(dropout=1.5)
     with pytest.raises(ValueError, match="hidden_dim must be >= 1"):
         TrainConfig(hidden_dim=0)
+
+
+def test_grouped_output_sums_the_probabilities_of_each_group():
+    import keras
+
+    from tf_emnist.model import with_grouped_output
+
+    config = TrainConfig(hidden_dim=8, num_layers=1, jit_compile=False)
+    groups = (0, 1, 1, 0, 1)
+    fine = build_model(config, len(groups))
+    grouped = with_grouped_output(fine, groups)
+    x = np.random.default_rng(0).random((6, 28, 28), dtype=np.float32)
+    p_fine = keras.ops.convert_to_numpy(keras.ops.softmax(fine(x)))
+    out = keras.ops.convert_to_numpy(grouped(x))
+    assert out.shape == (6, 2)
+    np.testing.assert_allclose(np.exp(out), np.stack([p_fine[:, [0, 3]].sum(1), p_fine[:, [1, 2, 4]].sum(1)], 1),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(keras.ops.softmax(out)), np.exp(out), rtol=1e-5)
+    # The grouped model shares the trained layers: training the fine model changes its answers.
+    assert grouped.layers[0] is fine.layers[0]

@@ -179,3 +179,69 @@ def test_no_evaluate_leaves_the_test_split_for_later(nist_dir, tmp_path, capsys)
     assert not (run / "metrics.json").exists() and (run / "model.keras").exists()
     assert run_cli("evaluate", run) == 0
     assert json.loads((run / "metrics.json").read_text())["test_examples"] == 120
+
+
+def test_patience_stops_when_validation_stalls(nist_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    # A learning rate too small to change any prediction: validation accuracy never improves.
+    assert run_cli("train", "--data-dir", nist_dir, "--output", run, "--epochs", 6, "--patience", 2,
+                   "--learning-rate", 1e-12, "--no-evaluate", *TINY) == 0
+    state = json.loads((run / "train_state.json").read_text())
+    assert state["finished"] and state["best_epoch"] == 1
+    assert len(read_history(str(run))) == 3
+    assert "stopping at epoch 3" in capsys.readouterr().out
+
+
+def test_ema_and_plateau_levers_train_through_the_cli(nist_dir, tmp_path):
+    import keras
+
+    run = tmp_path / "run"
+    assert run_cli("train", "--data-dir", nist_dir, "--output", run, "--epochs", 2, "--ema", 0.9,
+                   "--lr-schedule", "plateau", "--no-evaluate", *TINY) == 0
+    history = read_history(str(run))
+    assert len(history) == 2 and "learning_rate" in history[0]
+    saved = keras.saving.load_model(run / "model.keras", compile=False)
+    assert saved.count_params() > 0
+
+
+def test_fine_labels_digit_letter_learns_47_classes_and_answers_2(nist_dir, tmp_path):
+    from tf_emnist.training import load_run
+
+    run = tmp_path / "run"
+    assert run_cli("train", "--task", "digit-letter", "--fine-labels", "--data-dir", nist_dir, "--output", run,
+                   "--epochs", 1, *TINY) == 0
+    model, config, task = load_run(str(run))
+    assert config.fine_labels and model.output_shape == (None, 2)
+    assert model.get_layer("logits").units == 47
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_examples"] == 120 and np.array(metrics["confusion_matrix"]).shape == (2, 2)
+
+
+def test_fine_labels_is_refused_for_a_task_without_groups(nist_dir, tmp_path, capsys):
+    assert run_cli("train", "--task", "merged", "--fine-labels", "--data-dir", nist_dir,
+                   "--output", tmp_path / "run", *TINY) != 0
+    assert "--fine-labels needs a task that groups" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["merged", "digit-letter"])
+def test_preset_best_builds_and_trains_on_fake_data(task, nist_dir, tmp_path):
+    from tf_emnist.model import expected_parameter_count
+    from tf_emnist.tasks import get_task
+    from tf_emnist.training import load_run
+
+    run = tmp_path / "run"
+    # The best preset as it is, on a few images for one epoch.
+    assert run_cli("train", "--task", task, "--preset", "best", "--data-dir", nist_dir, "--output", run,
+                   "--limit-train", 40, "--batch-size", 20, "--epochs", 1, "--no-evaluate", "--no-jit-compile") == 0
+    best = get_task(task).best
+    model, config, _ = load_run(str(run))
+    assert config == best.replace(data_dir=config.data_dir, limit_train=40, batch_size=20, epochs=1, jit_compile=False)
+    assert config.bidirectional and config.augment > 0 and config.label_smoothing > 0
+    # Both learn the 47 ByMerge classes; digit-letter's grouped head has no weights.
+    assert model.count_params() == expected_parameter_count(config, 47)
+    assert model.output_shape == (None, get_task(task).num_classes)
+
+
+def test_preset_best_is_refused_where_none_was_measured(nist_dir, tmp_path, capsys):
+    assert run_cli("train", "--task", "mnist", "--preset", "best", "--output", tmp_path / "run") != 0
+    assert "has no measured best preset yet; use --preset study" in capsys.readouterr().err

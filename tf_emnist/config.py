@@ -8,6 +8,9 @@ from typing import Any
 from tf_emnist.files import read_json_object
 
 
+LR_SCHEDULES = ("constant", "cosine", "plateau")
+
+
 def _field(default, help: str, *, hyper: bool = False):
     return dataclasses.field(default=default, metadata={"help": help, "hyper": hyper})
 
@@ -35,8 +38,16 @@ class TrainConfig:
     augment: float = _field(0.0, "random affine augmentation strength (0 = off; 1 = +-10 deg, +-10%% shift/scale)", hyper=True)
     label_smoothing: float = _field(0.0, "label smoothing of the cross-entropy", hyper=True)
     weight_decay: float = _field(0.0, "decoupled weight decay (AdamW when > 0)", hyper=True)
-    lr_schedule: str = _field("constant", "learning-rate schedule: constant or cosine (1 epoch warm-up)", hyper=True)
+    lr_schedule: str = _field(
+        "constant", "learning-rate schedule: constant, cosine (1 epoch warm-up) or plateau (halve when validation stalls)",
+        hyper=True)
     clipnorm: float = _field(0.0, "clip each gradient to this norm (0 = off)", hyper=True)
+    ema: float = _field(0.0, "keep an exponential moving average of the weights with this momentum, e.g. 0.999, "
+                             "and validate and save it (0 = off)", hyper=True)
+    fine_labels: bool = _field(
+        False, "for a task that groups a split's classes (digit-letter): learn the split's own classes "
+               "(47 for ByMerge), and answer with each group's summed probability")
+    patience: int = _field(0, "stop after this many epochs without a better validation accuracy (0 = run all epochs)")
     # -- data
     data_dir: str | None = _field(None, "offline data: a folder with the NIST EMNIST gzip files (or gzip.zip)")
     tfds_dir: str | None = _field(None, "tensorflow-datasets data dir (default: tfds's own, ~/tensorflow_datasets)")
@@ -71,8 +82,12 @@ class TrainConfig:
         for name in ("augment", "weight_decay", "clipnorm"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
-        if self.lr_schedule not in ("constant", "cosine"):
-            problems.append("lr_schedule must be 'constant' or 'cosine'")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
+        if not 0.0 <= self.ema < 1.0:
+            problems.append("ema must be in [0, 1)")
+        if self.patience < 0:
+            problems.append("patience must be >= 0")
         if self.strategy not in ("default", "mirrored"):
             problems.append("strategy must be 'default' or 'mirrored'")
         if problems:

@@ -62,11 +62,13 @@ def _holds_files(path: str) -> bool:
     return any(files for _, _, files in os.walk(path))
 
 
-def load_split(task: Task, part: str, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+def load_split(task: Task, part: str, config: TrainConfig, *, source_labels: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, 28, 28] as stored (transposed), task labels int32 [N]) of 'train' or 'test'.
 
     Reads config.data_dir (NIST files) when set, else tensorflow-datasets. Applies the
-    config's limit_train / limit_test.
+    config's limit_train / limit_test. `source_labels` keeps the split's own labels (for
+    `fine_labels`) instead of the task's classes.
     """
     if config.data_dir:
         folder = NistFolder(config.data_dir, task.split)
@@ -76,7 +78,7 @@ def load_split(task: Task, part: str, config: TrainConfig) -> tuple[np.ndarray, 
                 f"emnist-{task.split}-mapping.txt in {config.data_dir} lists {chars!r}, "
                 f"expected {task.source_chars!r}; is this the {task.split} split?"
             )
-        images, source_labels = folder.load(part, len(task.source_chars))
+        images, labels = folder.load(part, len(task.source_chars))
         for name in (file_name(task.split, part, "images"), file_name(task.split, part, "labels")):
             if folder.provenance[name] != "official":
                 log.warning("note: %s is %s", name, folder.provenance[name])
@@ -90,11 +92,12 @@ def load_split(task: Task, part: str, config: TrainConfig) -> tuple[np.ndarray, 
         ds = builder.as_dataset(split=part, as_supervised=True, shuffle_files=False)
         chunks = list(tfds.as_numpy(ds.batch(65536)))  # decoded once, straight to uint8 arrays
         images = np.concatenate([x for x, _ in chunks]).reshape(-1, 28, 28).astype(np.uint8, copy=False)
-        source_labels = np.concatenate([y for _, y in chunks])
+        labels = np.concatenate([y for _, y in chunks])
     limit = config.limit_train if part == "train" else config.limit_test
     if limit:
-        images, source_labels = images[:limit], source_labels[:limit]
-    return np.ascontiguousarray(images), task.map_labels(source_labels)
+        images, labels = images[:limit], labels[:limit]
+    labels = labels.astype(np.int32) if source_labels else task.map_labels(labels)
+    return np.ascontiguousarray(images), labels
 
 
 def split_validation(num_examples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -33,6 +33,25 @@ def build_model(config: TrainConfig, num_classes: int, *, use_cudnn="auto"):
     return keras.Sequential(layers, name=f"{config.task.replace('-', '_')}_lstm")
 
 
+def with_grouped_output(model, class_of_source):
+    """`model` (logits over a split's classes) followed by GroupLogSumExp: the task's logits.
+
+    For `fine_labels`: the network learns the 47 ByMerge classes and the saved model answers
+    digit or letter, log P(group) = logsumexp of log P(class) over the group's classes. The
+    result is a plain Keras model, so evaluate, export and predict see a 2-class model.
+    """
+    import keras
+
+    grouped = _group_layer_class()(list(class_of_source), name="grouped_logits")
+    return keras.Sequential([keras.Input(model.input_shape[1:], name="rows"), *model.layers, grouped],
+                            name=f"{model.name}_grouped")
+
+
+def custom_objects() -> dict:
+    """The tf-emnist classes a saved model.keras may hold, for keras.saving.load_model."""
+    return {"GroupLogSumExp": _group_layer_class()}
+
+
 def mixed_precision_policy() -> str:
     """float16 on a GPU (tensor cores), bfloat16 on a CPU (no loss scaling needed)."""
     import tensorflow as tf
@@ -65,11 +84,13 @@ def compile_model(model, config: TrainConfig, steps_per_epoch: int = 1, *, track
             0.0 if warmup else config.learning_rate, decay_steps=total - warmup,
             warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup,
         )
-    clip = {"clipnorm": config.clipnorm} if config.clipnorm > 0 else {}
+    options = {"clipnorm": config.clipnorm} if config.clipnorm > 0 else {}
+    if config.ema > 0:
+        options.update(use_ema=True, ema_momentum=config.ema)
     if config.weight_decay > 0:
-        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay, **clip)
+        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay, **options)
     else:
-        optimizer = keras.optimizers.Adam(learning_rate, **clip)
+        optimizer = keras.optimizers.Adam(learning_rate, **options)
     if config.mixed_precision and mixed_precision_policy() == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     if config.label_smoothing > 0:
@@ -80,6 +101,23 @@ def compile_model(model, config: TrainConfig, steps_per_epoch: int = 1, *, track
     metrics = ["accuracy"] + ([_batch_loss_class()(loss)] if track_batch_loss else [])
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=use_xla(config))
     return model
+
+
+def lever_callbacks(config: TrainConfig) -> list:
+    """The Keras callbacks some levers need, for `train` and the tuner alike.
+
+    Put them before any callback that saves the model: with `ema`, SwapEMAWeights puts the
+    averaged weights in the model for validation and at each epoch's end.
+    """
+    import keras
+
+    callbacks = []
+    if config.ema > 0:
+        callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    if config.lr_schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor="val_accuracy", mode="max", factor=0.5, patience=1, min_lr=config.learning_rate / 32, verbose=1))
+    return callbacks
 
 
 def lstm_parameter_count(input_dim: int, hidden_dim: int) -> int:
@@ -124,6 +162,37 @@ def _smoothed_loss_class():
 
     return SmoothedSparseCrossEntropy
 
+
+@functools.cache
+def _group_layer_class():
+    import keras
+
+    @keras.saving.register_keras_serializable(package="tf_emnist")
+    class GroupLogSumExp(keras.layers.Layer):
+        """Logits over classes -> log-probabilities of groups of classes (no weights).
+
+        `groups[i]` is the group of class i. softmax of the output is each group's summed
+        probability, so the output works as logits wherever logits are expected.
+        """
+
+        def __init__(self, groups, **kwargs):
+            super().__init__(dtype="float32", **{k: v for k, v in kwargs.items() if k != "dtype"})
+            self.groups = [int(g) for g in groups]
+            members = keras.ops.one_hot(keras.ops.convert_to_tensor(self.groups), max(self.groups) + 1)
+            # [groups, classes]: 0 for a member, a large negative number for the others
+            self.mask = (1.0 - keras.ops.transpose(members)) * -1e9
+
+        def call(self, logits):
+            log_probs = keras.ops.log_softmax(keras.ops.cast(logits, "float32"), axis=-1)
+            return keras.ops.logsumexp(log_probs[:, None, :] + self.mask[None], axis=-1)
+
+        def compute_output_shape(self, input_shape):
+            return (input_shape[0], max(self.groups) + 1)
+
+        def get_config(self):
+            return {**super().get_config(), "groups": self.groups}
+
+    return GroupLogSumExp
 
 
 @functools.cache

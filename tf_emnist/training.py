@@ -63,8 +63,10 @@ def prepare_run_dir(run_dir: str, config: TrainConfig) -> bool:
     return False
 
 
-def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int):
+def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, saved_model=None):
     import keras
+
+    from tf_emnist.model import lever_callbacks
 
     class StepLossLogger(keras.callbacks.Callback):
         """Every `every` steps: print and record the batch loss and the best batch loss so far."""
@@ -92,7 +94,10 @@ def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int):
                 write_csv(self.path, self.rows)
 
     class KeepBest(keras.callbacks.Callback):
-        """Save model.keras (atomically) when validation accuracy improves; keep time and best in train_state.json."""
+        """Save model.keras (atomically) when validation accuracy improves; keep time and best in train_state.json.
+
+        It saves `saved_model` when given (the trained layers with a different head), else the model.
+        """
 
         def __init__(self):
             super().__init__()
@@ -113,13 +118,19 @@ def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int):
             if best is None or val > best:
                 self.state.update(best_val_accuracy=val, best_epoch=epoch + 1)
                 with atomic_path(os.path.join(run_dir, MODEL)) as tmp:
-                    self.model.save(tmp)
+                    (saved_model or self.model).save(tmp)
             write_json(self.path, self.state)
+            # Early stopping kept in train_state.json, so a resumed run counts the same epochs.
+            if config.patience and epoch + 1 - self.state["best_epoch"] >= config.patience:
+                print(f"\nno better validation accuracy for {config.patience} epoch(s): stopping at epoch {epoch + 1}",
+                      flush=True)
+                self.model.stop_training = True
 
     keep_best = KeepBest()
     step_logger = StepLossLogger()
     return [
         step_logger,
+        *lever_callbacks(config),
         keep_best,
         keras.callbacks.CSVLogger(os.path.join(run_dir, HISTORY), append=True),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), update_freq="epoch"),
@@ -145,13 +156,15 @@ def load_run(run_dir: str):
     """(keras model, TrainConfig, Task) of a run directory that holds a model."""
     import keras
 
+    from tf_emnist.model import custom_objects
+
     config_path, model_path = os.path.join(run_dir, CONFIG), os.path.join(run_dir, MODEL)
     if not (os.path.isfile(config_path) and os.path.isfile(model_path)):
         raise FileNotFoundError(
             f"{run_dir} is not a tf-emnist run with a model (needs {CONFIG} and {MODEL}); train one with `tf-emnist train`"
         )
     config = TrainConfig(**read_json(config_path))
-    return keras.saving.load_model(model_path, compile=False), config, get_task(config.task)
+    return keras.saving.load_model(model_path, compile=False, custom_objects=custom_objects()), config, get_task(config.task)
 
 
 def distribution_strategy(name: str):
@@ -171,7 +184,7 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
     import tensorflow as tf
 
     from tf_emnist.data import load_split, make_dataset, split_validation
-    from tf_emnist.model import build_model, compile_model
+    from tf_emnist.model import build_model, compile_model, with_grouped_output
     from tf_emnist.model import steps_per_epoch as count_steps
 
     task = get_task(config.task)
@@ -184,7 +197,10 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
 
-    images, labels = load_split(task, "train", config)
+    if config.fine_labels and task.class_of_source is None:
+        raise ValueError(f"--fine-labels needs a task that groups a split's classes (digit-letter); "
+                         f"{task.name} learns the split's classes already")
+    images, labels = load_split(task, "train", config, source_labels=config.fine_labels)
     train_idx, val_idx = split_validation(len(labels), config.validation_split, config.seed)
     strategy = distribution_strategy(config.strategy)
     global_batch = config.batch_size * strategy.num_replicas_in_sync
@@ -195,12 +211,14 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
     log.info("%s: %d train / %d validation images, %d steps an epoch, %d replica(s)",
              task.name, len(train_idx), len(val_idx), steps, strategy.num_replicas_in_sync)
 
+    outputs = len(task.source_chars) if config.fine_labels else task.num_classes
     with strategy.scope():
-        model = compile_model(build_model(config, task.num_classes), config, steps, track_batch_loss=True)
+        model = compile_model(build_model(config, outputs), config, steps, track_batch_loss=True)
+        saved = with_grouped_output(model, task.class_of_source) if config.fine_labels else None
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, verbose=verbose,
-              callbacks=_callbacks(run_dir, config, steps))
+              callbacks=_callbacks(run_dir, config, steps, saved))
 
     state = read_json(state_path)
     state.update(finished=True, train_examples=int(len(train_idx)), validation_examples=int(len(val_idx)))

@@ -26,7 +26,7 @@ def make_hypermodel(base: TrainConfig, space: dict, num_classes: int, num_train:
     import keras_tuner as kt
 
     from tf_emnist.data import make_dataset
-    from tf_emnist.model import build_model, compile_model, steps_per_epoch
+    from tf_emnist.model import build_model, compile_model, lever_callbacks, steps_per_epoch
 
     class FailOnNaN(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
@@ -48,10 +48,11 @@ def make_hypermodel(base: TrainConfig, space: dict, num_classes: int, num_train:
                                     seed=config.seed, upright=config.upright, augment=config.augment)
             val_ds = make_dataset(images, labels, config.batch_size, training=False, indices=val_idx,
                                   upright=config.upright)
-            stop = keras.callbacks.EarlyStopping(monitor=OBJECTIVE, mode="max", patience=patience)
+            stop = [keras.callbacks.EarlyStopping(monitor=OBJECTIVE, mode="max", patience=patience)] if patience else []
             start = time.perf_counter()
             history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose,
-                                callbacks=[*callbacks, stop, FailOnNaN()], **kwargs).history
+                                callbacks=[*lever_callbacks(config), *callbacks, *stop, FailOnNaN()],
+                                **kwargs).history
             scores = history[OBJECTIVE]
             best = int(np.argmax(scores))
             return {OBJECTIVE: float(scores[best]), "val_loss": float(history["val_loss"][best]),
@@ -180,6 +181,8 @@ def run_search(base: TrainConfig, space: dict, *, tuner_kind: str = "random", ma
     if tuner_kind not in TUNERS:
         raise ValueError(f"unknown tuner {tuner_kind!r}; choose one of: {', '.join(TUNERS)}")
     task = get_task(base.task)
+    if base.fine_labels:
+        raise ValueError("tune searches the task's own classes; drop --fine-labels (it is a train option)")
     images, labels = load_split(task, "train", base)  # the test split is never read here
     train_idx, val_idx = split_validation(len(labels), base.validation_split, base.seed)
     hypermodel = make_hypermodel(base, space, task.num_classes, len(train_idx), patience)
