@@ -15,15 +15,18 @@ declare -A levers=(
   [label_smoothing]="--label-smoothing 0.1"
   [adamw]="--weight-decay 0.0001"
   [clipnorm]="--clipnorm 1.0"
+  [bi3x128]="--bidirectional --hidden-dim 128"
+  [bi2x192]="--bidirectional --hidden-dim 192 --num-layers 2"
 )
-for name in study augment bidirectional cosine label_smoothing adamw clipnorm; do
+names=(study augment bidirectional cosine label_smoothing adamw clipnorm bi3x128 bi2x192)
+for name in "${names[@]}"; do
   # shellcheck disable=SC2086
   "$tf" -q train --task merged --data-dir "$data" --limit-train 24000 --epochs 3 --no-evaluate \
     --output "runs/ablation-$name" ${levers[$name]} 2>&1 | tail -1 | tee -a "$out/ablation.log"
 done
-"$py" - "$out/ablation.csv" <<'PY'
+"$py" - "$out/ablation.csv" "${names[@]}" <<'PY'
 import csv, json, sys
-names = ["study", "augment", "bidirectional", "cosine", "label_smoothing", "adamw", "clipnorm"]
+names = sys.argv[2:]
 with open(sys.argv[1], "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["lever", "best_val_accuracy", "best_epoch", "train_minutes"])
