@@ -178,3 +178,25 @@ def test_distributed_chief_and_two_workers(nist_dir, tmp_path):
     ran = [[line for line in log.splitlines() if re.match(r"\d+/\d+ - ", line)] for log in logs]
     assert sum(map(len, ran)) == 3  # each trial ran once, by one of the workers
     assert (out / "best_config.json").exists()
+
+
+def test_each_accuracy_lever_can_be_searched():
+    import numpy as np
+
+    levers = ["augment=1.0", "label_smoothing=0.1", "weight_decay=0.0001", "lr_schedule=plateau", "clipnorm=1.0",
+              "ema=0.9", "bidirectional=true"]
+    space = resolve_space(dict(parse_override(text) for text in
+                               ["hidden_dim=8", "num_layers=1", "batch_size=16", "learning_rate=0.001:0.01",
+                                *levers]))
+    hypermodel = make_hypermodel(TrainConfig(jit_compile=False), space, 4, 48, patience=1)
+    hp = kt.HyperParameters()
+    model = hypermodel.build(hp)
+    config = hypermodel.config_for(hp)
+    assert (config.augment, config.label_smoothing, config.weight_decay, config.lr_schedule, config.clipnorm,
+            config.ema, config.bidirectional) == (1.0, 0.1, 0.0001, "plateau", 1.0, 0.9, True)
+    assert model.optimizer.use_ema and model.optimizer.clipnorm == 1.0
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8), rng.integers(0, 4, 64).astype(np.int32)
+    result = hypermodel.fit(hp, model, (images, labels, np.arange(48)), (images, labels, np.arange(48, 64)),
+                            epochs=2, verbose=0)
+    assert 0.0 <= result["val_accuracy"] <= 1.0 and result["best_epoch"] in (1.0, 2.0)
