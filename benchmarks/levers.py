@@ -143,9 +143,16 @@ def serving_levers(task_name: str, rounds: int) -> None:
                                          w=w, wci=no_peephole, wcf=no_peephole, wco=no_peephole, b=b)[6]
         return tf.matmul(seq[-1], dense.kernel) + dense.bias
 
+    @tf.function
+    def halves(v):
+        """The batch in two halves, two XLA launches that the executor may run side by side."""
+        a, b = tf.split(v, 2)
+        return tf.concat([xla(a), xla(b)], 0)
+
     np.testing.assert_allclose(fused(x).numpy(), xla(x).numpy(), atol=1e-4)
     print(f"{task.name}: serving, batch 1024")
     _compare("fused BlockLSTMV2 op instead of XLA", lambda: xla(x).numpy(), lambda: fused(x).numpy(), 1024, rounds)
+    _compare("two concurrent halves of the batch", lambda: xla(x).numpy(), lambda: halves(x).numpy(), 1024, rounds)
 
 
 def main() -> None:

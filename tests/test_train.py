@@ -245,3 +245,26 @@ def test_preset_best_builds_and_trains_on_fake_data(task, nist_dir, tmp_path):
 def test_preset_best_is_refused_where_none_was_measured(nist_dir, tmp_path, capsys):
     assert run_cli("train", "--task", "mnist", "--preset", "best", "--output", tmp_path / "run") != 0
     assert "has no measured best preset yet; use --preset study" in capsys.readouterr().err
+
+
+def test_digit_letter_best_run_made_from_a_merged_best_run(nist_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from tf_emnist.evaluate import evaluate_run
+    from tf_emnist.training import load_run
+
+    merged = tmp_path / "merged"
+    assert run_cli("train", "--task", "merged", "--preset", "best", "--data-dir", nist_dir, "--output", merged,
+                   "--limit-train", 40, "--epochs", 1, "--no-evaluate", "--no-jit-compile") == 0
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "digit_letter_from_merged.py")
+    out = tmp_path / "dl"
+    subprocess.run([sys.executable, script, str(merged), str(out)], check=True, capture_output=True)
+    model, config, task = load_run(str(out))
+    assert task.name == "digit-letter" and config.fine_labels and model.output_shape == (None, 2)
+    assert evaluate_run(out)["test_examples"] == 120
+    # A run that is not the best preset is refused.
+    study = tmp_path / "study"
+    assert run_cli("train", "--data-dir", nist_dir, "--output", study, "--epochs", 1, "--no-evaluate", *TINY) == 0
+    refused = subprocess.run([sys.executable, script, str(study), str(tmp_path / "dl2")], capture_output=True, text=True)
+    assert refused.returncode != 0 and "is not a merged --preset best run" in refused.stderr
