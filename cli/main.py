@@ -78,10 +78,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from tf_emnist.evaluate import evaluate_run
+    from tf_emnist.evaluate import evaluate_runs
 
-    metrics = evaluate_run(args.run_dir, limit_test=args.limit_test, data_dir=args.data_dir)
-    _print_summary(metrics, args.run_dir)
+    metrics = evaluate_runs(args.run_dirs, split=args.split, output=args.output,
+                            limit_test=args.limit_test, data_dir=args.data_dir)
+    out_dir = args.output or args.run_dirs[0]
+    if args.split == "validation":
+        print(f"{metrics['task']}: validation accuracy {metrics['validation_accuracy']:.4%} "
+              f"({metrics['validation_examples'] - metrics['validation_errors']}/{metrics['validation_examples']})"
+              f"; written to {os.path.join(out_dir, 'validation_metrics.json')}")
+        return 0
+    _print_summary(metrics, out_dir)
     return 0
 
 
@@ -196,8 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
 
-    evaluate = sub.add_parser("evaluate", help="evaluate a run directory's model on the test split")
-    evaluate.add_argument("run_dir")
+    evaluate = sub.add_parser(
+        "evaluate", help="evaluate a run's model (or an ensemble of runs) on the test split",
+        description="One run directory: its model. Several: their ensemble, the average of their probabilities. "
+                    "Choose an ensemble on --split validation first, then evaluate it on the test split once.")
+    evaluate.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    evaluate.add_argument("--split", choices=["test", "validation"], default="test",
+                          help="test (default), or the validation images the runs held out of train")
+    evaluate.add_argument("--output", help="where an ensemble's metrics go (required for several runs)")
     evaluate.add_argument("--data-dir", help="read the test split from this NIST folder instead of the run's source")
     evaluate.add_argument("--limit-test", type=_typed("limit_test"), help="evaluate on the first N test images")
     evaluate.set_defaults(func=cmd_evaluate)

@@ -268,3 +268,39 @@ def test_digit_letter_best_run_made_from_a_merged_best_run(nist_dir, tmp_path):
     assert run_cli("train", "--data-dir", nist_dir, "--output", study, "--epochs", 1, "--no-evaluate", *TINY) == 0
     refused = subprocess.run([sys.executable, script, str(study), str(tmp_path / "dl2")], capture_output=True, text=True)
     assert refused.returncode != 0 and "is not a merged --preset best run" in refused.stderr
+
+
+def test_validation_then_ensemble_evaluation(nist_dir, tmp_path, capsys):
+    from tf_emnist.data import load_split
+    from tf_emnist.evaluate import _softmax, predict_logits
+    from tf_emnist.training import load_run
+
+    runs = []
+    for width in (8, 16):  # two members that hold out the same validation split (same seed)
+        run = tmp_path / f"run{width}"
+        assert run_cli("train", "--data-dir", nist_dir, "--output", run, "--epochs", 1,
+                       "--hidden-dim", width, "--no-evaluate", *TINY[2:]) == 0
+        runs.append(run)
+    # One run on validation: the images its training held out.
+    assert run_cli("evaluate", runs[0], "--split", "validation") == 0
+    validation = json.loads((runs[0] / "validation_metrics.json").read_text())
+    state = json.loads((runs[0] / "train_state.json").read_text())
+    assert validation["validation_examples"] == state["validation_examples"]
+    assert validation["validation_accuracy"] == pytest.approx(state["best_val_accuracy"], abs=1e-6)
+    assert not (runs[0] / "metrics.json").exists()  # the test split stays unseen
+
+    # The ensemble: the mean of the members' probabilities.
+    ensemble = tmp_path / "ensemble"
+    assert run_cli("evaluate", *runs, "--output", ensemble) == 0
+    metrics = json.loads((ensemble / "metrics.json").read_text())
+    assert metrics["ensemble"] == [str(r) for r in runs] and metrics["test_examples"] == 120
+    model_a, config, task = load_run(str(runs[0]))
+    model_b = load_run(str(runs[1]))[0]
+    images, labels = load_split(task, "test", config)
+    mean = (_softmax(predict_logits(model_a, images)) + _softmax(predict_logits(model_b, images))) / 2
+    assert metrics["test_accuracy"] == pytest.approx(float(np.mean(mean.argmax(1) == labels)))
+    assert (ensemble / "confusion.png").exists()
+
+    # Several runs need --output.
+    assert run_cli("evaluate", *runs) != 0
+    assert "needs --output DIR" in capsys.readouterr().err

@@ -17,8 +17,11 @@ def predict_logits(model, images: np.ndarray, upright: bool = True, batch_size: 
     return np.asarray(model.predict(ds.map(lambda x, y: x), verbose=0), dtype=np.float64)
 
 
-def compute_metrics(task: Task, logits: np.ndarray, labels: np.ndarray) -> dict:
-    """Every figure of metrics.json, from logits [N, classes] and the true class ids [N]."""
+def compute_metrics(task: Task, logits: np.ndarray, labels: np.ndarray, split: str = "test") -> dict:
+    """Every figure of metrics.json, from logits [N, classes] and the true class ids [N].
+
+    The figures of the split are named after it: test_accuracy, or validation_accuracy.
+    """
     labels = np.asarray(labels, np.int64)
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -32,10 +35,10 @@ def compute_metrics(task: Task, logits: np.ndarray, labels: np.ndarray) -> dict:
     errors = n - int(np.trace(confusion))
     metrics = {
         "task": task.name,
-        "test_examples": int(n),
-        "test_accuracy": float(np.trace(confusion) / n),
-        "test_loss": float(-log_probs[np.arange(n), labels].mean()),
-        "test_errors": errors,
+        f"{split}_examples": int(n),
+        f"{split}_accuracy": float(np.trace(confusion) / n),
+        f"{split}_loss": float(-log_probs[np.arange(n), labels].mean()),
+        f"{split}_errors": errors,
         "per_class_accuracy": {
             names[c]: (float(confusion[c, c] / totals[c]) if totals[c] else None) for c in range(k)
         },
@@ -56,20 +59,65 @@ def evaluate_run(run_dir: str | os.PathLike, *, limit_test: int | None = None, d
 
     `limit_test` and `data_dir` override the run's config (e.g. to evaluate elsewhere).
     """
-    from tf_emnist.data import load_split
+    return evaluate_runs([run_dir], limit_test=limit_test, data_dir=data_dir)
+
+
+def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | None = None,
+                  limit_test: int | None = None, data_dir: str | None = None) -> dict:
+    """Evaluate one run, or the ensemble of several (their probabilities averaged), on a split.
+
+    split "test": the official test split, metrics.json. split "validation": the validation
+    images carved from train, as the runs' training held them out, validation_metrics.json:
+    this is where an ensemble is chosen, before its one test evaluation. The files go to
+    the run directory for one run, to `output` (required) for an ensemble.
+    """
+    from tf_emnist.data import load_split, split_validation
     from tf_emnist.plots import plot_confusion
     from tf_emnist.training import STATE, load_run
 
-    run_dir = os.fspath(run_dir)
-    model, config, task = load_run(run_dir)
+    run_dirs = [os.fspath(r) for r in run_dirs]
+    if split not in ("test", "validation"):
+        raise ValueError(f"unknown split {split!r}; choose test or validation")
+    if len(run_dirs) > 1 and output is None:
+        raise ValueError("an ensemble of several runs needs --output DIR for its metrics")
+    loaded = [load_run(r) for r in run_dirs]
+    _, config, task = loaded[0]
+    data_keys = ("data_dir", "tfds_dir", "validation_split", "seed", "limit_train", "upright")
+    for run_dir, (_, other, other_task) in zip(run_dirs[1:], loaded[1:]):
+        if other_task.name != task.name:
+            raise ValueError(f"{run_dir} is a {other_task.name} run and {run_dirs[0]} a {task.name} run; "
+                             "an ensemble needs one task")
+        differ = [k for k in data_keys if getattr(other, k) != getattr(config, k)]
+        if split == "validation" and differ:
+            raise ValueError(f"{run_dir} held out a different validation split ({', '.join(differ)} differ from "
+                             f"{run_dirs[0]}); compare them on the test split only")
     overrides = {k: v for k, v in (("limit_test", limit_test), ("data_dir", data_dir)) if v is not None}
     config = config.replace(**overrides)
-    images, labels = load_split(task, "test", config)
-    metrics = compute_metrics(task, predict_logits(model, images, config.upright), labels)
-    state_path = os.path.join(run_dir, STATE)
-    if os.path.exists(state_path):
-        metrics.update({k: v for k, v in read_json(state_path).items() if k != "finished"})
-    write_json(os.path.join(run_dir, "metrics.json"), metrics)
-    title = f"{task.name}: test accuracy {metrics['test_accuracy']:.2%} on {metrics['test_examples']} images"
-    save_figure(plot_confusion(metrics["confusion_matrix"], task.class_names, title), os.path.join(run_dir, "confusion.png"))
+    if split == "test":
+        images, labels = load_split(task, "test", config)
+    else:
+        images, labels = load_split(task, "train", config)
+        _, val_idx = split_validation(len(labels), config.validation_split, config.seed)
+        images, labels = images[val_idx], labels[val_idx]
+    logits = [predict_logits(model, images, run_config.upright) for model, run_config, _ in loaded]
+    if len(logits) > 1:  # log of the mean probability: softmax gives the ensemble's probabilities back
+        logits = [np.log(np.mean([_softmax(member) for member in logits], axis=0))]
+    metrics = compute_metrics(task, logits[0], labels, split)
+    out_dir = os.fspath(output) if output is not None else run_dirs[0]
+    if len(run_dirs) == 1 and os.path.exists(os.path.join(run_dirs[0], STATE)):
+        metrics.update({k: v for k, v in read_json(os.path.join(run_dirs[0], STATE)).items() if k != "finished"})
+    if len(run_dirs) > 1:
+        metrics["ensemble"] = [os.path.abspath(r) for r in run_dirs]
+        os.makedirs(out_dir, exist_ok=True)
+    name = "metrics.json" if split == "test" else "validation_metrics.json"
+    write_json(os.path.join(out_dir, name), metrics)
+    if split == "test":
+        title = f"{task.name}: test accuracy {metrics['test_accuracy']:.2%} on {metrics['test_examples']} images"
+        save_figure(plot_confusion(metrics["confusion_matrix"], task.class_names, title),
+                    os.path.join(out_dir, "confusion.png"))
     return metrics
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
