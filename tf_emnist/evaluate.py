@@ -51,6 +51,11 @@ def compute_metrics(task: Task, logits: np.ndarray, labels: np.ndarray, split: s
         # dedicated digit-letter model.
         to_kind = np.array([0 if c.isdigit() else 1 for c in names])
         metrics["digit_letter_accuracy"] = float(np.mean(to_kind[predicted] == to_kind[labels]))
+        # What --fine-labels answers: the kind with the larger summed probability.
+        probabilities = np.exp(log_probs)
+        letter_probability = probabilities[:, to_kind == 1].sum(axis=1)
+        grouped = (letter_probability > probabilities[:, to_kind == 0].sum(axis=1)).astype(int)
+        metrics["digit_letter_accuracy_grouped"] = float(np.mean(grouped == to_kind[labels]))
     return metrics
 
 
