@@ -97,3 +97,19 @@ def test_grouped_output_sums_the_probabilities_of_each_group():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(keras.ops.softmax(out)), np.exp(out), rtol=1e-5)
     # The grouped model shares the trained layers: training the fine model changes its answers.
     assert grouped.layers[0] is fine.layers[0]
+
+
+def test_plateau_halves_the_rate_and_replays_a_resumed_run():
+    from tf_emnist.model import _plateau_class
+
+    plateau = _plateau_class()
+    fresh = plateau(1e-3)
+    for accuracy in (0.5, 0.6, 0.55, 0.58, 0.7):
+        fresh._update(accuracy)
+    assert fresh.rate == pytest.approx(2.5e-4) and fresh.best == 0.7
+    # A run resumed after those epochs starts at the rate the uninterrupted run had.
+    resumed = plateau(1e-3, [0.5, 0.6, 0.55, 0.58, 0.7])
+    assert (resumed.rate, resumed.best) == (fresh.rate, fresh.best)
+    for _ in range(10):
+        resumed._update(0.1)
+    assert resumed.rate == pytest.approx(1e-3 / 32)  # the floor

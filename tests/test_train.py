@@ -305,3 +305,14 @@ def test_validation_then_ensemble_evaluation(nist_dir, tmp_path, capsys):
     # Several runs need --output.
     assert run_cli("evaluate", *runs) != 0
     assert "needs --output DIR" in capsys.readouterr().err
+
+
+def test_resume_replays_only_the_epochs_in_the_backup(tmp_path):
+    from tf_emnist.training import _past_val_accuracy
+
+    (tmp_path / "history.csv").write_text("epoch,val_accuracy\n0,0.5\n1,0.6\n2,0.55\n")
+    assert _past_val_accuracy(str(tmp_path)) == []  # no backup: a fresh start
+    (tmp_path / "backup").mkdir()
+    # The epoch-2 row was written, but the run stopped before its backup: it is redone.
+    (tmp_path / "backup" / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
+    assert _past_val_accuracy(str(tmp_path)) == [0.5, 0.6]

@@ -103,11 +103,12 @@ def compile_model(model, config: TrainConfig, steps_per_epoch: int = 1, *, track
     return model
 
 
-def lever_callbacks(config: TrainConfig) -> list:
+def lever_callbacks(config: TrainConfig, past_val_accuracy=()) -> list:
     """The Keras callbacks some levers need, for `train` and the tuner alike.
 
     Put them before any callback that saves the model: with `ema`, SwapEMAWeights puts the
     averaged weights in the model for validation and at each epoch's end.
+    `past_val_accuracy`: the finished epochs' validation accuracy, when a run resumes.
     """
     import keras
 
@@ -115,9 +116,45 @@ def lever_callbacks(config: TrainConfig) -> list:
     if config.ema > 0:
         callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if config.lr_schedule == "plateau":
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(
-            monitor="val_accuracy", mode="max", factor=0.5, patience=1, min_lr=config.learning_rate / 32, verbose=1))
+        callbacks.append(_plateau_class()(config.learning_rate, past_val_accuracy))
     return callbacks
+
+
+@functools.cache
+def _plateau_class():
+    import keras
+
+    class HalveOnPlateau(keras.callbacks.Callback):
+        """Halve the learning rate after each epoch whose validation accuracy is not a new best.
+
+        Keras's ReduceLROnPlateau with patience 1 and factor 0.5, down to 1/32 of the start,
+        but it replays the finished epochs of a resumed run, so the rate after a resume is
+        the rate an uninterrupted run would have.
+        """
+
+        def __init__(self, learning_rate, past_val_accuracy=()):
+            super().__init__()
+            self.start, self.rate, self.best = learning_rate, learning_rate, None
+            for accuracy in past_val_accuracy:
+                self._update(float(accuracy))
+
+        def _update(self, accuracy):
+            if self.best is None or accuracy > self.best:
+                self.best = accuracy
+            else:
+                self.rate = max(self.rate / 2, self.start / 32)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.model.optimizer.learning_rate = self.rate
+
+        def on_epoch_end(self, epoch, logs=None):
+            before = self.rate
+            self._update(float(logs["val_accuracy"]))
+            if self.rate != before:
+                print(f"\nvalidation accuracy not improved: learning rate {before:.3g} -> {self.rate:.3g}", flush=True)
+            logs["learning_rate"] = before
+
+    return HalveOnPlateau
 
 
 def lstm_parameter_count(input_dim: int, hidden_dim: int) -> int:

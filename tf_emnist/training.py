@@ -130,13 +130,20 @@ def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, saved_mo
     step_logger = StepLossLogger()
     return [
         step_logger,
-        *lever_callbacks(config),
+        *lever_callbacks(config, _past_val_accuracy(run_dir)),
         keep_best,
         keras.callbacks.CSVLogger(os.path.join(run_dir, HISTORY), append=True),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), update_freq="epoch"),
         # Last, so a backup marks an epoch whose other outputs are already on disk.
         keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup"), double_checkpoint=True),
     ]
+
+
+def _past_val_accuracy(run_dir: str) -> list[float]:
+    """Validation accuracy of the epochs a resumed run will not redo (those in its backup)."""
+    metadata = os.path.join(run_dir, "backup", "training_metadata.json")
+    finished = read_json(metadata).get("epoch", 0) if os.path.exists(metadata) else 0
+    return [float(r["val_accuracy"]) for r in read_history(run_dir) if int(r["epoch"]) < finished]
 
 
 def _read_csv(path: str) -> list[dict]:
