@@ -34,3 +34,18 @@ for task in ("merged", "digit-letter"):
         if metrics:
             print(f"| {task} | {label} | {metrics['train_examples']:,} (+{metrics['validation_examples']:,} validation) "
                   f"| **{metrics['test_accuracy']:.2%}** | {metrics['test_errors']:,} | {metrics['train_seconds'] / 60:.1f} min |")
+    # The ensemble chosen on validation for this task by scripts/choose_ensemble.py.
+    choices = os.path.join(root, "ensembles", "validation.csv")
+    if os.path.exists(choices):
+        import csv
+
+        with open(choices) as f:
+            rows = list(csv.DictReader(f))
+        column = "merged_validation_accuracy" if task == "merged" else "digit_letter_validation_accuracy"
+        chosen = max(rows, key=lambda r: float(r[column]))["candidate"]
+        metrics = load(os.path.join("ensembles", chosen, "metrics.json"))
+        if metrics and int(max(rows, key=lambda r: float(r[column]))["members"]) > 1:
+            key = "test_accuracy" if task == "merged" else "digit_letter_accuracy_grouped"
+            errors = round((1 - metrics[key]) * metrics["test_examples"])
+            print(f"| {task} | tf-emnist, ensemble chosen on validation ({chosen.replace('+', ' + ')}) "
+                  f"| 110,726 (+12,303 validation) | **{metrics[key]:.2%}** | {errors:,} | sum of its members |")
