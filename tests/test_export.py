@@ -50,6 +50,10 @@ def test_export_reloads_with_plain_tensorflow_and_matches_keras(run_dir, tmp_pat
     np.testing.assert_allclose(out["logits"], expected, atol=1e-5)
     np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, atol=1e-5)
     assert [c.decode() for c in out["characters"]] == [task.class_names[i] for i in expected.argmax(1)]
+    # A large batch goes through in two halves: same answers, same order.
+    many = np.random.default_rng(1).integers(0, 256, (301, 28, 28), dtype=np.uint8)
+    np.testing.assert_allclose(serve(images=tf.constant(many))["logits"].numpy(),
+                               model.predict(many.astype(np.float32) / 255.0, verbose=0), atol=1e-5)
     stored = loaded.signatures["serve_stored"](images=tf.constant(images.transpose(0, 2, 1)))
     np.testing.assert_allclose(stored["logits"].numpy(), out["logits"], atol=1e-5)
     extra = os.path.join(path, "assets.extra")
