@@ -81,7 +81,8 @@ def cmd_evaluate(args) -> int:
     from tf_emnist.evaluate import evaluate_runs
 
     metrics = evaluate_runs(args.run_dirs, split=args.split, output=args.output,
-                            limit_test=args.limit_test, data_dir=args.data_dir)
+                            limit_test=args.limit_test, data_dir=args.data_dir,
+                            tta=args.tta, tta_strength=args.tta_strength)
     out_dir = args.output or args.run_dirs[0]
     if args.split == "validation":
         print(f"{metrics['task']}: validation accuracy {metrics['validation_accuracy']:.4%} "
@@ -210,7 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     evaluate.add_argument("--split", choices=["test", "validation"], default="test",
                           help="test (default), or the validation images the runs held out of train")
-    evaluate.add_argument("--output", help="where an ensemble's metrics go (required for several runs)")
+    evaluate.add_argument("--output", help="where the metrics go (required for several runs or --tta)")
+    evaluate.add_argument("--tta", type=int, default=1, metavar="VIEWS",
+                          help="test-time augmentation: average the image and VIEWS-1 randomly transformed copies "
+                               "(default 1: off; choose it on --split validation)")
+    evaluate.add_argument("--tta-strength", type=float, default=0.5,
+                          help="strength of the copies' random affine transform, as train's --augment (default 0.5)")
     evaluate.add_argument("--data-dir", help="read the test split from this NIST folder instead of the run's source")
     evaluate.add_argument("--limit-test", type=_typed("limit_test"), help="evaluate on the first N test images")
     evaluate.set_defaults(func=cmd_evaluate)

@@ -307,6 +307,49 @@ def test_validation_then_ensemble_evaluation(nist_dir, tmp_path, capsys):
     assert "needs --output DIR" in capsys.readouterr().err
 
 
+def test_test_time_augmentation_is_seeded_and_averages_views(nist_dir, tmp_path, capsys):
+    from tf_emnist.data import load_split, random_affine, to_model_input
+    from tf_emnist.evaluate import _softmax, predict_logits
+    from tf_emnist.training import load_run
+
+    run = tmp_path / "run"
+    assert run_cli("train", "--data-dir", nist_dir, "--output", run, "--epochs", 1, "--no-evaluate", *TINY) == 0
+    model, config, task = load_run(str(run))
+    images, labels = load_split(task, "test", config)
+    plain = predict_logits(model, images, batch_size=64)
+    tta = predict_logits(model, images, batch_size=64, tta=3, tta_strength=1.0)
+    np.testing.assert_allclose(tta, predict_logits(model, images, batch_size=64, tta=3, tta_strength=1.0))
+    assert not np.allclose(tta, plain, atol=1e-4)
+    # The mean of the plain probabilities and two seeded views, per batch of 64.
+    views = [_softmax(plain)]
+    for view in (1, 2):
+        batches = [random_affine(to_model_input(images[i:i + 64]), 1.0, stateless_seed=[view, i // 64])
+                   for i in range(0, len(images), 64)]
+        views.append(_softmax(np.asarray(model.predict(np.concatenate(batches), verbose=0), np.float64)))
+    np.testing.assert_allclose(np.exp(tta), np.mean(views, axis=0), atol=1e-5)
+
+    # Through the CLI: a separate output, so the run's own metrics stay the plain model's.
+    assert run_cli("evaluate", run, "--tta", 3) != 0
+    assert "--tta) needs --output DIR" in capsys.readouterr().err
+    assert run_cli("evaluate", run, "--split", "validation", "--tta", 3, "--output", tmp_path / "tta") == 0
+    metrics = json.loads((tmp_path / "tta" / "validation_metrics.json").read_text())
+    assert metrics["tta"] == 3 and metrics["tta_strength"] == 0.5
+    assert not (run / "validation_metrics.json").exists()
+
+
+def test_validation_seed_keeps_the_carve_out_across_seeds(nist_dir, tmp_path, capsys):
+    runs = {}
+    for name, flags in (("a", ["--seed", 0]), ("b", ["--seed", 1, "--validation-seed", 0]), ("c", ["--seed", 1])):
+        runs[name] = tmp_path / name
+        assert run_cli("train", "--data-dir", nist_dir, "--output", runs[name], "--epochs", 1,
+                       "--no-evaluate", *flags, *TINY) == 0
+    # b was trained from another seed on a's split: they make an ensemble chosen on validation.
+    assert run_cli("evaluate", runs["a"], runs["b"], "--split", "validation", "--output", tmp_path / "ab") == 0
+    # c held out other images: comparing it with a on validation would flatter it.
+    assert run_cli("evaluate", runs["a"], runs["c"], "--split", "validation", "--output", tmp_path / "ac") != 0
+    assert "held out a different validation split" in capsys.readouterr().err
+
+
 def test_resume_replays_only_the_epochs_in_the_backup(tmp_path):
     from tf_emnist.training import _past_val_accuracy
 

@@ -32,7 +32,8 @@ class TrainConfig:
     learning_rate: float = _field(1e-3, "Adam(W) learning rate", hyper=True)
     batch_size: int = _field(256, "global batch size", hyper=True)
     epochs: int = _field(7, "training epochs", hyper=True)
-    seed: int = _field(0, "seed for weights, shuffling, validation carve-out and dropout")
+    seed: int = _field(0, "seed for weights, shuffling, augmentation and dropout (and the validation "
+                          "carve-out, unless --validation-seed)")
     # -- levers beyond the study; off by default, so the defaults stay the study's
     bidirectional: bool = _field(False, "wrap each LSTM in Bidirectional", hyper=True)
     augment: float = _field(0.0, "random affine augmentation strength (0 = off; 1 = +-10 deg, +-10%% shift/scale)", hyper=True)
@@ -52,6 +53,8 @@ class TrainConfig:
     data_dir: str | None = _field(None, "offline data: a folder with the NIST EMNIST gzip files (or gzip.zip)")
     tfds_dir: str | None = _field(None, "tensorflow-datasets data dir (default: tfds's own, ~/tensorflow_datasets)")
     validation_split: float = _field(0.1, "fraction of train held out for validation (seeded, disjoint)")
+    validation_seed: int | None = _field(
+        None, "seed of the validation carve-out (default: --seed); fix it to compare or ensemble runs of other seeds")
     limit_train: int | None = _field(None, "use only the first N train images (quick runs)")
     limit_test: int | None = _field(None, "evaluate on the first N test images only (quick runs)")
     upright: bool = _field(True, "transpose the stored images so the time steps are the upright rows")
@@ -92,6 +95,11 @@ class TrainConfig:
             problems.append("strategy must be 'default' or 'mirrored'")
         if problems:
             raise ValueError("invalid config: " + "; ".join(problems))
+
+    @property
+    def split_seed(self) -> int:
+        """The seed that carves the validation split out of train."""
+        return self.seed if self.validation_seed is None else self.validation_seed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

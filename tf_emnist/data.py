@@ -1,6 +1,7 @@
 """EMNIST splits from tensorflow-datasets or NIST files, and the tf.data input pipeline."""
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -112,17 +113,23 @@ def split_validation(num_examples: int, fraction: float, seed: int) -> tuple[np.
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def random_affine(images, strength: float, seed: int | None = None):
+def random_affine(images, strength: float, seed: int | None = None, *, stateless_seed=None):
     """Random rotation, shift, scale and shear of float images [B, 28, 28], one per image.
 
     strength 1 means up to +-10 degrees, +-10% shift, +-10% scale and +-0.1 shear.
+    `stateless_seed` (an int64 pair) draws the same transforms on every call, whatever the
+    order batches arrive in: test-time augmentation's views are reproducible.
     """
     import tensorflow as tf
 
     n = tf.shape(images)[0]
+    draws = itertools.count()
 
     def uniform(limit):
-        return tf.random.uniform([n], -limit, limit, seed=seed)
+        if stateless_seed is None:
+            return tf.random.uniform([n], -limit, limit, seed=seed)
+        pair = tf.cast(stateless_seed, tf.int64) + tf.constant([0, 1 << 20], tf.int64) * next(draws)
+        return tf.random.stateless_uniform([n], pair, -limit, limit)
 
     angle = uniform(strength * math.radians(10))
     scale = 1.0 + uniform(strength * 0.1)

@@ -9,12 +9,34 @@ from tf_emnist.files import read_json, save_figure, write_json
 from tf_emnist.tasks import Task
 
 
-def predict_logits(model, images: np.ndarray, upright: bool = True, batch_size: int = 1024) -> np.ndarray:
-    """Logits [N, classes] for uint8 images as stored, through the same input transform as training."""
-    from tf_emnist.data import make_dataset
+def predict_logits(model, images: np.ndarray, upright: bool = True, batch_size: int = 1024, *,
+                   tta: int = 1, tta_strength: float = 0.5) -> np.ndarray:
+    """Logits [N, classes] for uint8 images as stored, through the same input transform as training.
 
+    tta > 1 (test-time augmentation): the log of the mean probability over the images and
+    tta - 1 randomly transformed copies (random_affine at `tta_strength`). The copies are
+    seeded per view and batch, so a rerun sees the same views.
+    """
+    import tensorflow as tf
+
+    from tf_emnist.data import make_dataset, random_affine
+
+    if tta < 1:
+        raise ValueError(f"tta must be >= 1 (the number of views, the image itself included), got {tta}")
     ds = make_dataset(images, np.zeros(len(images), np.int32), batch_size, training=False, upright=upright)
-    return np.asarray(model.predict(ds.map(lambda x, y: x), verbose=0), dtype=np.float64)
+    ds = ds.map(lambda x, y: x)
+    logits = np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
+    if tta == 1:
+        return logits
+    probabilities = _softmax(logits)
+    for view in range(1, tta):
+        def transform(batch_index, x, view=view):
+            seed = tf.stack([tf.constant(view, tf.int64), batch_index])
+            return random_affine(x, tta_strength, stateless_seed=seed)
+
+        views = ds.enumerate().map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        probabilities += _softmax(np.asarray(model.predict(views, verbose=0), dtype=np.float64))
+    return np.log(probabilities / tta)
 
 
 def compute_metrics(task: Task, logits: np.ndarray, labels: np.ndarray, split: str = "test") -> dict:
@@ -68,13 +90,16 @@ def evaluate_run(run_dir: str | os.PathLike, *, limit_test: int | None = None, d
 
 
 def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | None = None,
-                  limit_test: int | None = None, data_dir: str | None = None) -> dict:
+                  limit_test: int | None = None, data_dir: str | None = None,
+                  tta: int = 1, tta_strength: float = 0.5) -> dict:
     """Evaluate one run, or the ensemble of several (their probabilities averaged), on a split.
 
     split "test": the official test split, metrics.json. split "validation": the validation
     images carved from train, as the runs' training held them out, validation_metrics.json:
-    this is where an ensemble is chosen, before its one test evaluation. The files go to
-    the run directory for one run, to `output` (required) for an ensemble.
+    this is where an ensemble and the test-time augmentation (`tta` views at `tta_strength`,
+    see predict_logits) are chosen, before the one test evaluation. The files go to the run
+    directory for one plain run, to `output` (required) for an ensemble or tta > 1, so the
+    run's own metrics.json stays the plain model's.
     """
     from tf_emnist.data import load_split, split_validation
     from tf_emnist.plots import plot_confusion
@@ -85,9 +110,13 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
         raise ValueError(f"unknown split {split!r}; choose test or validation")
     if len(run_dirs) > 1 and output is None:
         raise ValueError("an ensemble of several runs needs --output DIR for its metrics")
+    if tta > 1 and output is None:
+        raise ValueError("test-time augmentation (--tta) needs --output DIR, so the run's own metrics stay the plain model's")
+    if tta < 1 or not tta_strength >= 0:
+        raise ValueError(f"--tta must be >= 1 and --tta-strength >= 0; got {tta} and {tta_strength}")
     loaded = [load_run(r) for r in run_dirs]
     _, config, task = loaded[0]
-    data_keys = ("data_dir", "tfds_dir", "validation_split", "seed", "limit_train", "upright")
+    data_keys = ("data_dir", "tfds_dir", "validation_split", "split_seed", "limit_train", "upright")
     for run_dir, (_, other, other_task) in zip(run_dirs[1:], loaded[1:]):
         if other_task.name != task.name:
             raise ValueError(f"{run_dir} is a {other_task.name} run and {run_dirs[0]} a {task.name} run; "
@@ -102,9 +131,10 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
         images, labels = load_split(task, "test", config)
     else:
         images, labels = load_split(task, "train", config)
-        _, val_idx = split_validation(len(labels), config.validation_split, config.seed)
+        _, val_idx = split_validation(len(labels), config.validation_split, config.split_seed)
         images, labels = images[val_idx], labels[val_idx]
-    logits = [predict_logits(model, images, run_config.upright) for model, run_config, _ in loaded]
+    logits = [predict_logits(model, images, run_config.upright, tta=tta, tta_strength=tta_strength)
+              for model, run_config, _ in loaded]
     if len(logits) > 1:  # log of the mean probability: softmax gives the ensemble's probabilities back
         logits = [np.log(np.mean([_softmax(member) for member in logits], axis=0))]
     metrics = compute_metrics(task, logits[0], labels, split)
@@ -113,7 +143,9 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
         metrics.update({k: v for k, v in read_json(os.path.join(run_dirs[0], STATE)).items() if k != "finished"})
     if len(run_dirs) > 1:
         metrics["ensemble"] = [os.path.abspath(r) for r in run_dirs]
-        os.makedirs(out_dir, exist_ok=True)
+    if tta > 1:
+        metrics.update(tta=tta, tta_strength=tta_strength)
+    os.makedirs(out_dir, exist_ok=True)
     name = "metrics.json" if split == "test" else "validation_metrics.json"
     write_json(os.path.join(out_dir, name), metrics)
     if split == "test":

@@ -208,7 +208,7 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
         raise ValueError(f"--fine-labels needs a task that groups a split's classes (digit-letter); "
                          f"{task.name} learns the split's classes already")
     images, labels = load_split(task, "train", config, source_labels=config.fine_labels)
-    train_idx, val_idx = split_validation(len(labels), config.validation_split, config.seed)
+    train_idx, val_idx = split_validation(len(labels), config.validation_split, config.split_seed)
     strategy = distribution_strategy(config.strategy)
     global_batch = config.batch_size * strategy.num_replicas_in_sync
     train_ds = make_dataset(images, labels, global_batch, training=True, indices=train_idx, seed=config.seed,

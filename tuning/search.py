@@ -184,7 +184,7 @@ def run_search(base: TrainConfig, space: dict, *, tuner_kind: str = "random", ma
     if base.fine_labels:
         raise ValueError("tune searches the task's own classes; drop --fine-labels (it is a train option)")
     images, labels = load_split(task, "train", base)  # the test split is never read here
-    train_idx, val_idx = split_validation(len(labels), base.validation_split, base.seed)
+    train_idx, val_idx = split_validation(len(labels), base.validation_split, base.split_seed)
     hypermodel = make_hypermodel(base, space, task.num_classes, len(train_idx), patience)
     tuner = make_tuner(tuner_kind, hypermodel, output=output, project=f"{task.name}-{tuner_kind}",
                        max_trials=max_trials, max_epochs=max_epochs, seed=base.seed, overwrite=overwrite)
