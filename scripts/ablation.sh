@@ -17,8 +17,9 @@ declare -A levers=(
   [clipnorm]="--clipnorm 1.0"
   [bi3x128]="--bidirectional --hidden-dim 128"
   [bi2x192]="--bidirectional --hidden-dim 192 --num-layers 2"
+  [ema]="--ema 0.99"  # an average over ~100 steps: these runs take 255
 )
-names=(study augment bidirectional cosine label_smoothing adamw clipnorm bi3x128 bi2x192)
+names=(study augment bidirectional cosine label_smoothing adamw clipnorm bi3x128 bi2x192 ema)
 for name in "${names[@]}"; do
   # shellcheck disable=SC2086
   "$tf" -q train --task merged --data-dir "$data" --limit-train 24000 --epochs 3 --no-evaluate \

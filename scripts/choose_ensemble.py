@@ -31,10 +31,10 @@ def main() -> None:
     groups = [(args.best,)] + [(args.best, *more) for n in range(1, len(args.others) + 1)
                                for more in itertools.combinations(args.others, n)]
     candidates = {"+".join(os.path.basename(os.path.normpath(m)) for m in members): members for members in groups}
-    rows = []
+    rows, cache = [], {}  # cache: each member's logits, computed once per split
     for name, members in candidates.items():
         out = os.path.join(args.output, name)
-        metrics = evaluate_runs(members, split="validation", output=out)
+        metrics = evaluate_runs(members, split="validation", output=out, cache=cache)
         rows.append({"candidate": name, "members": len(members),
                      "merged_validation_accuracy": round(metrics["validation_accuracy"], 5),
                      "digit_letter_validation_accuracy": round(metrics["digit_letter_accuracy_grouped"], 5)})
@@ -45,7 +45,8 @@ def main() -> None:
     for key in ("merged_validation_accuracy", "digit_letter_validation_accuracy"):
         choice = max(rows, key=lambda r: r[key])["candidate"]
         if choice not in tested:  # the test split, once per chosen candidate
-            tested[choice] = evaluate_runs(candidates[choice], split="test", output=os.path.join(args.output, choice))
+            tested[choice] = evaluate_runs(candidates[choice], split="test", output=os.path.join(args.output, choice),
+                                           cache=cache)
         metrics = tested[choice]
         figure = metrics["test_accuracy"] if key.startswith("merged") else metrics["digit_letter_accuracy_grouped"]
         print(f"{key.split('_validation')[0]}: chose {choice} on validation; test accuracy {figure:.4%}")

@@ -116,6 +116,12 @@ def test_output_dir_of_another_run_is_refused_and_kept(nist_dir, tmp_path, capsy
     assert run_cli("train", "--data-dir", nist_dir, "--output", run, "--epochs", 1, *TINY) == 2
     assert "already holds this finished run" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    # A run written before a field existed is the same run: the field's default is what it did.
+    stored = json.loads((run / "config.json").read_text())
+    del stored["validation_seed"]
+    (run / "config.json").write_text(json.dumps(stored))
+    assert run_cli("train", "--data-dir", nist_dir, "--output", run, "--epochs", 1, *TINY) == 2
+    assert "already holds this finished run" in capsys.readouterr().err
 
     other = tmp_path / "notes"
     other.mkdir()
@@ -271,7 +277,7 @@ def test_digit_letter_best_run_made_from_a_merged_best_run(nist_dir, tmp_path):
     assert refused.returncode != 0 and "is not a merged --preset best run" in refused.stderr
 
 
-def test_validation_then_ensemble_evaluation(nist_dir, tmp_path, capsys):
+def test_validation_then_ensemble_evaluation(nist_dir, tmp_path, capsys, monkeypatch):
     from tf_emnist.data import load_split
     from tf_emnist.evaluate import _softmax, predict_logits
     from tf_emnist.training import load_run
@@ -301,6 +307,16 @@ def test_validation_then_ensemble_evaluation(nist_dir, tmp_path, capsys):
     mean = (_softmax(predict_logits(model_a, images)) + _softmax(predict_logits(model_b, images))) / 2
     assert metrics["test_accuracy"] == pytest.approx(float(np.mean(mean.argmax(1) == labels)))
     assert (ensemble / "confusion.png").exists()
+
+    # A shared cache predicts each member once, and gives the same figures.
+    from tf_emnist import evaluate as evaluate_module
+    cache = {}
+    first = evaluate_module.evaluate_runs(runs, output=tmp_path / "cached", cache=cache)
+    assert len(cache) == 2 and first["test_accuracy"] == metrics["test_accuracy"]
+    monkeypatch.setattr(evaluate_module, "predict_logits", None)  # any new prediction would fail
+    single = evaluate_module.evaluate_runs(runs[:1], output=tmp_path / "one", cache=cache)
+    assert single["test_accuracy"] == pytest.approx(float(np.mean(predict_logits(model_a, images).argmax(1) == labels)))
+    monkeypatch.undo()
 
     # Several runs need --output.
     assert run_cli("evaluate", *runs) != 0

@@ -91,7 +91,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, limit_test: int | None = None, d
 
 def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | None = None,
                   limit_test: int | None = None, data_dir: str | None = None,
-                  tta: int = 1, tta_strength: float = 0.5) -> dict:
+                  tta: int = 1, tta_strength: float = 0.5, cache: dict | None = None) -> dict:
     """Evaluate one run, or the ensemble of several (their probabilities averaged), on a split.
 
     split "test": the official test split, metrics.json. split "validation": the validation
@@ -99,7 +99,9 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
     this is where an ensemble and the test-time augmentation (`tta` views at `tta_strength`,
     see predict_logits) are chosen, before the one test evaluation. The files go to the run
     directory for one plain run, to `output` (required) for an ensemble or tta > 1, so the
-    run's own metrics.json stays the plain model's.
+    run's own metrics.json stays the plain model's. `cache`, a dict the caller keeps,
+    holds each member's logits for later calls with the same split and options (choosing
+    among ensembles that share members).
     """
     from tf_emnist.data import load_split, split_validation
     from tf_emnist.plots import plot_confusion
@@ -133,8 +135,13 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
         images, labels = load_split(task, "train", config)
         _, val_idx = split_validation(len(labels), config.validation_split, config.split_seed)
         images, labels = images[val_idx], labels[val_idx]
-    logits = [predict_logits(model, images, run_config.upright, tta=tta, tta_strength=tta_strength)
-              for model, run_config, _ in loaded]
+    cache = {} if cache is None else cache
+    logits = []
+    for run_dir, (model, run_config, _) in zip(run_dirs, loaded):
+        key = (os.path.abspath(run_dir), split, limit_test, data_dir, tta, tta_strength)
+        if key not in cache:
+            cache[key] = predict_logits(model, images, run_config.upright, tta=tta, tta_strength=tta_strength)
+        logits.append(cache[key])
     if len(logits) > 1:  # log of the mean probability: softmax gives the ensemble's probabilities back
         logits = [np.log(np.mean([_softmax(member) for member in logits], axis=0))]
     metrics = compute_metrics(task, logits[0], labels, split)

@@ -34,9 +34,11 @@ def default_run_dir(config: TrainConfig, runs_root: str = "runs") -> str:
 
 
 def _same_config(run_dir: str, config: TrainConfig) -> bool:
+    # Through TrainConfig: a field added since the run was written takes its default, which
+    # is what that run did (new fields default to the old behaviour).
     try:
-        return read_json(os.path.join(run_dir, CONFIG)) == config.to_dict()
-    except (OSError, json.JSONDecodeError):
+        return TrainConfig(**read_json(os.path.join(run_dir, CONFIG))).to_dict() == config.to_dict()
+    except (OSError, json.JSONDecodeError, TypeError, ValueError):
         return False
 
 
