@@ -20,6 +20,7 @@ declare -A levers=(
   [ema]="--ema 0.99"  # an average over ~100 steps: these runs take 255
 )
 names=(study augment bidirectional cosine label_smoothing adamw clipnorm bi3x128 bi2x192 ema)
+: > "$out/ablation.log"  # a rerun trains only the missing rows, and prints every row again
 for name in "${names[@]}"; do
   # shellcheck disable=SC2086
   "$tf" -q train --task merged --data-dir "$data" --limit-train 24000 --epochs 3 --no-evaluate \
