@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """GPU check (under 5 minutes on one GPU): epoch time of both presets on full-size synthetic data.
 
-For each preset: float32 with cuDNN, mixed precision (float16) with cuDNN, and float32
-without cuDNN (use_cudnn=False) on a slice, scaled to an epoch. Prints a table and JSON.
+For each preset: float32 with cuDNN, mixed precision (float16) with cuDNN, float32
+without cuDNN (use_cudnn=False), and mixed precision at batch 1024 with the scaled rate,
+each on a slice, scaled to an epoch. Prints a table and JSON.
 Usage: python scripts/gpu_check.py [--fraction 0.25]
 """
 import argparse
@@ -47,6 +48,10 @@ def main():
             "float32_cudnn_s": epoch_seconds(base, images, labels, max_steps=steps),
             "mixed_float16_cudnn_s": epoch_seconds(base.replace(mixed_precision=True), images, labels, max_steps=steps),
             "float32_no_cudnn_s": epoch_seconds(base, images, labels, use_cudnn=False, max_steps=max(20, steps // 10)),
+            # the large-batch option: 4x the batch, the rate scaled with it (--batch-size 1024 --scale-lr)
+            "mixed_float16_batch1024_s": epoch_seconds(
+                base.replace(mixed_precision=True, batch_size=1024, scale_lr=True), images, labels,
+                max_steps=max(10, steps // 4)),
         }
         row["samples_per_s_float32"] = FULL_TRAIN / row["float32_cudnn_s"]
         row["study_epochs_min_float32"] = row["float32_cudnn_s"] * task.preset.epochs / 60

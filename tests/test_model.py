@@ -1,4 +1,5 @@
 """The model: shapes, parameter counts of both presets, the cuDNN-friendly layers, a train step."""
+import keras
 import numpy as np
 import pytest
 
@@ -70,6 +71,26 @@ def test_each_lever_compiles_and_trains(change):
     logs = model.fit(x, np.arange(16) % 4, batch_size=8, epochs=1, verbose=0, validation_split=0.25,
                      callbacks=lever_callbacks(config)).history
     assert np.isfinite(logs["loss"][0])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "plateau", "cosine"])
+def test_scale_lr_scales_the_rate_with_the_global_batch(schedule):
+    from tf_emnist.model import peak_learning_rate
+
+    config = TrainConfig(hidden_dim=8, num_layers=1, batch_size=512, learning_rate=1e-3, scale_lr=True,
+                         lr_schedule=schedule, jit_compile=False)
+    assert peak_learning_rate(config) == pytest.approx(2e-3)
+    assert peak_learning_rate(config, replicas=2) == pytest.approx(4e-3)  # two replicas: a global batch of 1024
+    assert peak_learning_rate(config.replace(scale_lr=False), replicas=2) == pytest.approx(1e-3)
+    model = compile_model(build_model(config, 4), config, steps_per_epoch=2, replicas=2)
+    x = np.random.default_rng(0).random((32, 28, 28), dtype=np.float32)  # 2 steps of 8, 16 to validate
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_begin=lambda batch, logs: seen.append(float(model.optimizer.learning_rate)))
+    model.fit(x, np.arange(32) % 4, batch_size=8, epochs=1, verbose=0, validation_split=0.5,
+              callbacks=[*lever_callbacks(config, replicas=2), record])
+    # cosine warms up to the scaled rate over the first epoch; the others start at it
+    assert max(seen) == pytest.approx(2e-3 if schedule == "cosine" else 4e-3)
 
 
 def test_invalid_config_values_are_named():

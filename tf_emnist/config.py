@@ -30,7 +30,7 @@ class TrainConfig:
     num_layers: int = _field(3, "stacked LSTM layers", hyper=True)
     dropout: float = _field(0.2, "dropout rate on the last LSTM output", hyper=True)
     learning_rate: float = _field(1e-3, "Adam(W) learning rate", hyper=True)
-    batch_size: int = _field(256, "global batch size", hyper=True)
+    batch_size: int = _field(256, "batch size of one replica (the global batch is this x replicas)", hyper=True)
     epochs: int = _field(7, "training epochs", hyper=True)
     seed: int = _field(0, "seed for weights, shuffling, augmentation and dropout (and the validation "
                           "carve-out, unless --validation-seed)")
@@ -64,6 +64,9 @@ class TrainConfig:
     jit_compile: bool | None = _field(None, "compile the train step with XLA (default: on a CPU, off on a GPU, where cuDNN is faster)")
     mixed_precision: bool = _field(False, "train in float16 (GPU) with float32 logits and loss")
     strategy: str = _field("default", "distribution: default or mirrored (all local GPUs)")
+    scale_lr: bool = _field(
+        False, "for larger batches: scale the learning rate by global batch / 256 (the linear scaling rule; "
+               "pair it with --lr-schedule cosine for a warm-up)")
 
     def __post_init__(self):
         problems = []

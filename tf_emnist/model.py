@@ -68,21 +68,33 @@ def use_xla(config: TrainConfig) -> bool:
     return not tf.config.list_logical_devices("GPU")
 
 
-def compile_model(model, config: TrainConfig, steps_per_epoch: int = 1, *, track_batch_loss: bool = False):
+REFERENCE_BATCH = 256  # the study's batch, which its learning rate was chosen for
+
+
+def peak_learning_rate(config: TrainConfig, replicas: int = 1) -> float:
+    """The learning rate, times global batch / 256 with `scale_lr` (the linear scaling rule)."""
+    if not config.scale_lr:
+        return config.learning_rate
+    return config.learning_rate * config.batch_size * replicas / REFERENCE_BATCH
+
+
+def compile_model(model, config: TrainConfig, steps_per_epoch: int = 1, *, track_batch_loss: bool = False,
+                  replicas: int = 1):
     """Adam (AdamW when weight_decay > 0), cross-entropy from logits, accuracy.
 
     `track_batch_loss` adds the metric `batch_loss`: the latest batch's loss, for the
-    step log (Keras's `loss` is the epoch's running mean).
+    step log (Keras's `loss` is the epoch's running mean). `replicas`: the data-parallel
+    replicas, which multiply the global batch (and, with `scale_lr`, the learning rate).
     """
     import keras
 
-    learning_rate = config.learning_rate
+    learning_rate = peak = peak_learning_rate(config, replicas)
     if config.lr_schedule == "cosine":
         total = max(1, config.epochs * steps_per_epoch)
         warmup = min(steps_per_epoch, total // 2)
         learning_rate = keras.optimizers.schedules.CosineDecay(
-            0.0 if warmup else config.learning_rate, decay_steps=total - warmup,
-            warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup,
+            0.0 if warmup else peak, decay_steps=total - warmup,
+            warmup_target=peak if warmup else None, warmup_steps=warmup,
         )
     options = {"clipnorm": config.clipnorm} if config.clipnorm > 0 else {}
     if config.ema > 0:
@@ -103,12 +115,13 @@ def compile_model(model, config: TrainConfig, steps_per_epoch: int = 1, *, track
     return model
 
 
-def lever_callbacks(config: TrainConfig, past_val_accuracy=()) -> list:
+def lever_callbacks(config: TrainConfig, past_val_accuracy=(), replicas: int = 1) -> list:
     """The Keras callbacks some levers need, for `train` and the tuner alike.
 
     Put them before any callback that saves the model: with `ema`, SwapEMAWeights puts the
     averaged weights in the model for validation and at each epoch's end.
     `past_val_accuracy`: the finished epochs' validation accuracy, when a run resumes.
+    `replicas` as for compile_model.
     """
     import keras
 
@@ -116,7 +129,7 @@ def lever_callbacks(config: TrainConfig, past_val_accuracy=()) -> list:
     if config.ema > 0:
         callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if config.lr_schedule == "plateau":
-        callbacks.append(_plateau_class()(config.learning_rate, past_val_accuracy))
+        callbacks.append(_plateau_class()(peak_learning_rate(config, replicas), past_val_accuracy))
     return callbacks
 
 

@@ -65,7 +65,7 @@ def prepare_run_dir(run_dir: str, config: TrainConfig) -> bool:
     return False
 
 
-def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, saved_model=None):
+def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, saved_model=None, replicas: int = 1):
     import keras
 
     from tf_emnist.model import lever_callbacks
@@ -132,7 +132,7 @@ def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, saved_mo
     step_logger = StepLossLogger()
     return [
         step_logger,
-        *lever_callbacks(config, _past_val_accuracy(run_dir)),
+        *lever_callbacks(config, _past_val_accuracy(run_dir), replicas),
         keep_best,
         keras.callbacks.CSVLogger(os.path.join(run_dir, HISTORY), append=True),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), update_freq="epoch"),
@@ -222,12 +222,13 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
 
     outputs = len(task.source_chars) if config.fine_labels else task.num_classes
     with strategy.scope():
-        model = compile_model(build_model(config, outputs), config, steps, track_batch_loss=True)
+        model = compile_model(build_model(config, outputs), config, steps, track_batch_loss=True,
+                              replicas=strategy.num_replicas_in_sync)
         saved = with_grouped_output(model, task.class_of_source) if config.fine_labels else None
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, verbose=verbose,
-              callbacks=_callbacks(run_dir, config, steps, saved))
+              callbacks=_callbacks(run_dir, config, steps, saved, strategy.num_replicas_in_sync))
 
     state = read_json(state_path)
     state.update(finished=True, train_examples=int(len(train_idx)), validation_examples=int(len(val_idx)))
