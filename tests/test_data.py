@@ -82,6 +82,9 @@ def test_dataset_batches_shuffles_each_epoch_and_keeps_pairs():
     epochs = [[(x.numpy(), y.numpy()) for x, y in ds] for _ in range(2)]
     first, second = (np.concatenate([y for _, y in e]) for e in epochs)
     assert sorted(first) == sorted(labels) and first.tolist() != second.tolist()
+    rerun = np.concatenate([y.numpy() for _, y in make_dataset(images, labels, 16, training=True, seed=1)])
+    assert rerun.tolist() == first.tolist()  # the same seed, the same order
+    assert ds.cardinality().numpy() == 4
     for x, y in epochs[0]:
         assert x.shape[1:] == (28, 28) and x.dtype == np.float32
         for xi, yi in zip(x, y):

@@ -159,6 +159,21 @@ def to_model_input(images, upright: bool = True):
     return tf.cast(images, tf.float32) / 255.0
 
 
+def _shuffled_batches(order: np.ndarray, batch_size: int, seed: int):
+    """Batches of `order`, in a new seeded permutation each epoch (each new iterator).
+
+    The permutation is drawn in numpy: tf.data's shuffle buffer would hold one tensor per
+    index, 141 MB of overhead for the ByMerge train split, against 5 MB here.
+    """
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    permutation = tf.data.Dataset.from_tensors(0).map(lambda _: tf.ensure_shape(
+        tf.numpy_function(lambda: rng.permutation(order), [], tf.int64, stateful=True), [len(order)]))
+    batches = permutation.flat_map(lambda p: tf.data.Dataset.from_tensor_slices(p).batch(batch_size))
+    return batches.apply(tf.data.experimental.assert_cardinality(math.ceil(len(order) / batch_size)))
+
+
 def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, training: bool,
                  indices: np.ndarray | None = None, seed: int = 0, upright: bool = True, augment: float = 0.0):
     """A batched tf.data pipeline over uint8 images held in memory once.
@@ -175,13 +190,11 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, tra
 
     images = np.asarray(images, np.uint8)
     labels_t = tf.constant(labels, tf.int32)
-    if indices is None:
-        ds = tf.data.Dataset.range(len(images))
-    else:
-        ds = tf.data.Dataset.from_tensor_slices(np.asarray(indices, np.int64))
+    order = np.arange(len(images), dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
     if training:
-        ds = ds.shuffle(ds.cardinality(), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
+        ds = _shuffled_batches(order, batch_size, seed)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
 
     def load_batch(index):
         batch = tf.numpy_function(lambda i: images[i], [index], tf.uint8, stateful=False)
