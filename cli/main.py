@@ -132,7 +132,7 @@ def cmd_tune(args) -> int:
 def cmd_export(args) -> int:
     from tf_emnist.export import export_model
 
-    path = export_model(args.run_dir, args.output, version=args.version, force=args.force, jit_compile=args.xla)
+    path = export_model(args.sources, args.output, version=args.version, force=args.force, jit_compile=args.xla)
     print(path)
     return 0
 
@@ -205,13 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser(
-        "evaluate", help="evaluate a run's model (or an ensemble of runs) on the test split",
+        "evaluate", help="evaluate a run's model, an export, or an ensemble of them on the test split",
         description="One run directory: its model. Several: their ensemble, the average of their probabilities. "
                     "Choose an ensemble on --split validation first, then evaluate it on the test split once.")
-    evaluate.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    evaluate.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                          help="run directories or SavedModels from `tf-emnist export`; several: their ensemble")
     evaluate.add_argument("--split", choices=["test", "validation"], default="test",
                           help="test (default), or the validation images the runs held out of train")
-    evaluate.add_argument("--output", help="where the metrics go (required for several runs or --tta)")
+    evaluate.add_argument("--output", help="where the metrics go (required for several runs, a SavedModel or --tta)")
     evaluate.add_argument("--tta", type=int, default=1, metavar="VIEWS",
                           help="test-time augmentation: average the image and VIEWS-1 randomly transformed copies "
                                "(default 1: off; choose it on --split validation)")
@@ -242,10 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(tune)
     tune.set_defaults(func=cmd_tune)
 
-    export = sub.add_parser("export", help="export a run's model as a TensorFlow SavedModel (TF Serving layout)",
+    export = sub.add_parser("export", help="export a run's model, or an ensemble, as a TensorFlow SavedModel "
+                                           "(TF Serving layout)",
                             description="Writes OUTPUT/<task>/<version>/ with signatures serving_default "
-                                        "(uint8 [N,28,28] upright images) and serve_stored (NIST/tfds orientation).")
-    export.add_argument("run_dir")
+                                        "(uint8 [N,28,28] upright images) and serve_stored (NIST/tfds orientation). "
+                                        "Several sources (run directories or earlier exports) make one SavedModel "
+                                        "that averages their probabilities, each model counted once.")
+    export.add_argument("sources", nargs="+", metavar="RUN_DIR")
     export.add_argument("--output", default="saved_models", help="export root (default: saved_models)")
     export.add_argument("--version", type=int, help="version number (default: the next free one)")
     export.add_argument("--force", action="store_true", help="replace an existing version")

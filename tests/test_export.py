@@ -95,6 +95,68 @@ def test_interrupted_export_leaves_nothing_behind(run_dir, tmp_path, monkeypatch
     assert os.listdir(tmp_path / "merged") == []
 
 
+@pytest.fixture(scope="module")
+def other_runs(run_dir, tmp_path_factory):
+    """Two more runs of the same data and validation split, with other widths and seeds."""
+    root = tmp_path_factory.mktemp("members")
+    config = load_run(run_dir)[1]
+    runs = []
+    for width, seed in ((12, 1), (6, 2)):
+        train(config.replace(hidden_dim=width, seed=seed, validation_seed=config.seed), str(root / f"run{width}"),
+              verbose=0)
+        runs.append(str(root / f"run{width}"))
+    return runs
+
+
+def test_export_stores_each_weight_once(run_dir, tmp_path):
+    import tensorflow as tf
+
+    path = export_model(run_dir, str(tmp_path), jit_compile=False)
+    model = load_run(run_dir)[0]
+    stored = tf.train.list_variables(os.path.join(path, "variables", "variables"))
+    stored_values = sum(int(np.prod(shape)) for name, shape in stored if shape)
+    assert stored_values == model.count_params()
+
+
+def test_ensemble_export_averages_its_models_and_nests(run_dir, other_runs, tmp_path, capsys):
+    import tensorflow as tf
+
+    def probabilities(path, images):
+        serve = tf.saved_model.load(path).signatures["serving_default"]
+        return serve(images=tf.constant(images))["probabilities"].numpy()
+
+    images = np.random.default_rng(2).integers(0, 256, (300, 28, 28), dtype=np.uint8)  # > SPLIT_FROM: two halves
+    singles = [probabilities(export_model(r, str(tmp_path / "single"), jit_compile=False), images)
+               for r in (run_dir, *other_runs)]
+
+    assert run_cli("export", run_dir, other_runs[0], "--output", tmp_path / "pair", "--no-xla") == 0
+    pair = str(tmp_path / "pair" / "merged" / "1")
+    np.testing.assert_allclose(probabilities(pair, images), (singles[0] + singles[1]) / 2, atol=1e-5)
+    members = json.load(open(os.path.join(pair, "assets.extra", "ensemble.json")))["members"]
+    assert [m["hidden_dim"] for m in members] == [8, 12]
+    stored = tf.saved_model.load(pair).signatures["serve_stored"](images=tf.constant(images.transpose(0, 2, 1)))
+    np.testing.assert_allclose(stored["probabilities"].numpy(), (singles[0] + singles[1]) / 2, atol=1e-5)
+
+    # An exported ensemble of two plus a third run: each of the three models counts once.
+    trio = export_model([pair, other_runs[1]], str(tmp_path / "trio"), jit_compile=False)
+    np.testing.assert_allclose(probabilities(trio, images), sum(singles) / 3, atol=1e-5)
+    assert len(json.load(open(os.path.join(trio, "assets.extra", "ensemble.json")))["members"]) == 3
+
+    # The exported ensemble evaluates like the ensemble of its runs, on both splits.
+    from tf_emnist.evaluate import evaluate_runs
+    for split in ("validation", "test"):
+        of_runs = evaluate_runs([run_dir, *other_runs], split=split, output=tmp_path / "runs")
+        of_exports = evaluate_runs([pair, other_runs[1]], split=split, output=tmp_path / "exports")
+        assert of_exports[f"{split}_accuracy"] == of_runs[f"{split}_accuracy"]
+        assert of_exports[f"{split}_loss"] == pytest.approx(of_runs[f"{split}_loss"], abs=1e-4)
+
+    # A lone SavedModel is not exported again, and --tta needs the Keras models.
+    assert run_cli("export", pair, "--output", tmp_path / "again") == 2
+    assert "is already a SavedModel" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--tta needs run directories"):
+        evaluate_runs([pair], output=tmp_path / "tta", tta=2)
+
+
 def draw_glyph() -> np.ndarray:
     """An EMNIST-like 28x28 upright 'A', light on dark."""
     canvas = Image.new("L", (120, 120), 0)

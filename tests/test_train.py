@@ -346,7 +346,7 @@ def test_test_time_augmentation_is_seeded_and_averages_views(nist_dir, tmp_path,
 
     # Through the CLI: a separate output, so the run's own metrics stay the plain model's.
     assert run_cli("evaluate", run, "--tta", 3) != 0
-    assert "--tta) needs --output DIR" in capsys.readouterr().err
+    assert "--tta needs --output DIR" in capsys.readouterr().err
     assert run_cli("evaluate", run, "--split", "validation", "--tta", 3, "--output", tmp_path / "tta") == 0
     metrics = json.loads((tmp_path / "tta" / "validation_metrics.json").read_text())
     assert metrics["tta"] == 3 and metrics["tta_strength"] == 0.5

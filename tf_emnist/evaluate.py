@@ -92,40 +92,45 @@ def evaluate_run(run_dir: str | os.PathLike, *, limit_test: int | None = None, d
 def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | None = None,
                   limit_test: int | None = None, data_dir: str | None = None,
                   tta: int = 1, tta_strength: float = 0.5, cache: dict | None = None) -> dict:
-    """Evaluate one run, or the ensemble of several (their probabilities averaged), on a split.
+    """Evaluate one model, or the ensemble of several (their probabilities averaged), on a split.
 
-    split "test": the official test split, metrics.json. split "validation": the validation
-    images carved from train, as the runs' training held them out, validation_metrics.json:
-    this is where an ensemble and the test-time augmentation (`tta` views at `tta_strength`,
-    see predict_logits) are chosen, before the one test evaluation. The files go to the run
-    directory for one plain run, to `output` (required) for an ensemble or tta > 1, so the
-    run's own metrics.json stays the plain model's. `cache`, a dict the caller keeps,
+    Each of `run_dirs` is a run directory or a SavedModel written by `tf-emnist export`; an
+    exported ensemble of k models weighs k, so every model counts once. split "test": the
+    official test split, metrics.json. split "validation": the validation images carved
+    from train, as the runs' training held them out, validation_metrics.json: this is where
+    an ensemble and the test-time augmentation (`tta` views at `tta_strength`, see
+    predict_logits; run directories only) are chosen, before the one test evaluation. The
+    files go to the run directory for one plain run, to `output` (required) otherwise, so
+    the run's own metrics.json stays the plain model's. `cache`, a dict the caller keeps,
     holds each member's logits for later calls with the same split and options (choosing
     among ensembles that share members).
     """
     from tf_emnist.data import load_split, split_validation
+    from tf_emnist.export import is_saved_model, load_source
     from tf_emnist.plots import plot_confusion
-    from tf_emnist.training import STATE, load_run
+    from tf_emnist.training import STATE
 
     run_dirs = [os.fspath(r) for r in run_dirs]
     if split not in ("test", "validation"):
         raise ValueError(f"unknown split {split!r}; choose test or validation")
-    if len(run_dirs) > 1 and output is None:
-        raise ValueError("an ensemble of several runs needs --output DIR for its metrics")
-    if tta > 1 and output is None:
-        raise ValueError("test-time augmentation (--tta) needs --output DIR, so the run's own metrics stay the plain model's")
+    plain_run = len(run_dirs) == 1 and tta == 1 and not is_saved_model(run_dirs[0])
+    if output is None and not plain_run:
+        raise ValueError("an ensemble, a SavedModel or --tta needs --output DIR for its metrics, "
+                         "so that a run's own metrics stay its plain model's")
     if tta < 1 or not tta_strength >= 0:
         raise ValueError(f"--tta must be >= 1 and --tta-strength >= 0; got {tta} and {tta_strength}")
-    loaded = [load_run(r) for r in run_dirs]
-    _, config, task = loaded[0]
+    sources = [load_source(r) for r in run_dirs]
+    if tta > 1 and any(s.saved_model is not None for s in sources):
+        raise ValueError("--tta needs run directories (Keras models), not SavedModels; drop --tta or pass the runs")
+    task, config = sources[0].task, sources[0].config
     data_keys = ("data_dir", "tfds_dir", "validation_split", "split_seed", "limit_train", "upright")
-    for run_dir, (_, other, other_task) in zip(run_dirs[1:], loaded[1:]):
-        if other_task.name != task.name:
-            raise ValueError(f"{run_dir} is a {other_task.name} run and {run_dirs[0]} a {task.name} run; "
+    for source in sources:
+        if source.task.name != task.name:
+            raise ValueError(f"{source.path} is a {source.task.name} model and {run_dirs[0]} a {task.name} model; "
                              "an ensemble needs one task")
-        differ = [k for k in data_keys if getattr(other, k) != getattr(config, k)]
+        differ = sorted({k for other in source.configs for k in data_keys if getattr(other, k) != getattr(config, k)})
         if split == "validation" and differ:
-            raise ValueError(f"{run_dir} held out a different validation split ({', '.join(differ)} differ from "
+            raise ValueError(f"{source.path} held out a different validation split ({', '.join(differ)} differ from "
                              f"{run_dirs[0]}); compare them on the test split only")
     overrides = {k: v for k, v in (("limit_test", limit_test), ("data_dir", data_dir)) if v is not None}
     config = config.replace(**overrides)
@@ -137,16 +142,22 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
         images, labels = images[val_idx], labels[val_idx]
     cache = {} if cache is None else cache
     logits = []
-    for run_dir, (model, run_config, _) in zip(run_dirs, loaded):
-        key = (os.path.abspath(run_dir), split, limit_test, data_dir, tta, tta_strength)
+    for source in sources:
+        key = (os.path.abspath(source.path), split, limit_test, data_dir, tta, tta_strength)
         if key not in cache:
-            cache[key] = predict_logits(model, images, run_config.upright, tta=tta, tta_strength=tta_strength)
+            if source.saved_model is not None:
+                cache[key] = serve_logits(source.serving_function(stored_orientation=True), images)
+            else:
+                cache[key] = predict_logits(source.model, images, source.config.upright, tta=tta,
+                                            tta_strength=tta_strength)
         logits.append(cache[key])
     if len(logits) > 1:  # log of the mean probability: softmax gives the ensemble's probabilities back
-        logits = [np.log(np.mean([_softmax(member) for member in logits], axis=0))]
+        weights = np.array([len(s.configs) for s in sources], np.float64)
+        mean = np.tensordot(weights / weights.sum(), [_softmax(member) for member in logits], axes=1)
+        logits = [np.log(mean)]
     metrics = compute_metrics(task, logits[0], labels, split)
     out_dir = os.fspath(output) if output is not None else run_dirs[0]
-    if len(run_dirs) == 1 and os.path.exists(os.path.join(run_dirs[0], STATE)):
+    if plain_run and os.path.exists(os.path.join(run_dirs[0], STATE)):
         metrics.update({k: v for k, v in read_json(os.path.join(run_dirs[0], STATE)).items() if k != "finished"})
     if len(run_dirs) > 1:
         metrics["ensemble"] = [os.path.abspath(r) for r in run_dirs]
@@ -160,6 +171,14 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
         save_figure(plot_confusion(metrics["confusion_matrix"], task.class_names, title),
                     os.path.join(out_dir, "confusion.png"))
     return metrics
+
+
+def serve_logits(serve, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Logits [N, classes] of a serving signature (uint8 images -> a dict with "logits"), batch by batch."""
+    import tensorflow as tf
+
+    return np.concatenate([serve(images=tf.constant(images[i:i + batch_size]))["logits"].numpy()
+                           for i in range(0, len(images), batch_size)]).astype(np.float64)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

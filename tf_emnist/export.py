@@ -1,20 +1,25 @@
-"""SavedModel export in the TF Serving layout, with a raw-image serving signature."""
+"""SavedModel export in the TF Serving layout, with a raw-image serving signature; ensembles of exports."""
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 
 from tf_emnist.config import TrainConfig
-from tf_emnist.files import atomic_path, write_json
+from tf_emnist.files import atomic_path, read_json, write_json
+from tf_emnist.tasks import Task, get_task
 from tf_emnist.training import load_run
 
 log = logging.getLogger("tf_emnist")
 
 IMAGE_SHAPE = (None, 28, 28)
-
+EXTRA = "assets.extra"
+ENSEMBLE = "ensemble.json"  # in EXTRA: the config of each model an ensemble export averages
 
 SPLIT_FROM = 256  # batches this large are classified in two halves at once
+# Signature name -> whether it takes images in the NIST/tfds stored orientation.
+SIGNATURES = {"serve": False, "serve_stored": True}
 
 
 def make_serving_function(model, class_names, config: TrainConfig, *, stored_orientation: bool = False,
@@ -27,7 +32,6 @@ def make_serving_function(model, class_names, config: TrainConfig, *, stored_ori
     """
     import tensorflow as tf
 
-    names = tf.constant(list(class_names))
     # The model reads upright rows when trained with config.upright, stored rows otherwise.
     transpose = stored_orientation == config.upright
 
@@ -35,8 +39,7 @@ def make_serving_function(model, class_names, config: TrainConfig, *, stored_ori
         x = tf.cast(images, tf.float32) / 255.0
         if transpose:
             x = tf.transpose(x, [0, 2, 1])
-        logits = tf.cast(model(x, training=False), tf.float32)
-        return logits, tf.nn.softmax(logits), tf.argmax(logits, axis=-1, output_type=tf.int32)
+        return tf.cast(model(x, training=False), tf.float32)
 
     classify = tf.function(classify, jit_compile=jit_compile)
 
@@ -44,17 +47,86 @@ def make_serving_function(model, class_names, config: TrainConfig, *, stored_ori
         # Two independent launches, which TensorFlow's executor runs side by side: 1.17x the
         # throughput of one launch at batch 1024 on 2 cores (benchmarks/levers.py).
         half = tf.shape(images)[0] // 2
-        first, second = classify(images[:half]), classify(images[half:])
-        return tuple(tf.concat([a, b], axis=0) for a, b in zip(first, second))
+        return tf.concat([classify(images[:half]), classify(images[half:])], axis=0)
 
     @tf.function(input_signature=[tf.TensorSpec(IMAGE_SHAPE, tf.uint8, name="images")])
     def serve(images):
-        logits, probabilities, class_ids = tf.cond(
-            tf.shape(images)[0] >= SPLIT_FROM, lambda: in_halves(images), lambda: classify(images))
-        return {"logits": logits, "probabilities": probabilities, "class_ids": class_ids,
-                "characters": tf.gather(names, class_ids)}
+        logits = tf.cond(tf.shape(images)[0] >= SPLIT_FROM, lambda: in_halves(images), lambda: classify(images))
+        return _outputs(logits, class_names)
 
     return serve
+
+
+def make_ensemble_function(members: list, weights: list[int], class_names):
+    """A tf.function like make_serving_function's, answering with the members' weighted mean probability.
+
+    `members` are serving functions (uint8 images -> a dict with "logits"); a member that is
+    itself an ensemble of k models weighs k, so every model counts once. The logits are the
+    log of the mean probability, so softmax gives the ensemble's probabilities back.
+    """
+    import tensorflow as tf
+
+    log_weights = tf.math.log(tf.constant(weights, tf.float32) / sum(weights))
+
+    @tf.function(input_signature=[tf.TensorSpec(IMAGE_SHAPE, tf.uint8, name="images")])
+    def serve(images):
+        log_probabilities = tf.stack([tf.nn.log_softmax(member(images=images)["logits"]) for member in members])
+        logits = tf.reduce_logsumexp(log_probabilities + log_weights[:, None, None], axis=0)
+        return _outputs(logits, class_names)
+
+    return serve
+
+
+def _outputs(logits, class_names) -> dict:
+    import tensorflow as tf
+
+    class_ids = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    return {"logits": logits, "probabilities": tf.nn.softmax(logits), "class_ids": class_ids,
+            "characters": tf.gather(tf.constant(list(class_names)), class_ids)}
+
+
+def is_saved_model(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(path, "saved_model.pb"))
+
+
+@dataclass
+class Source:
+    """What export and evaluate need of a run directory or of a tf-emnist SavedModel export."""
+
+    path: str
+    task: Task
+    configs: list[TrainConfig]  # one per model: several for an exported ensemble
+    model: object = None  # the Keras model of a run directory
+    saved_model: object = None  # the loaded SavedModel of an export
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.configs[0]
+
+    def serving_function(self, stored_orientation: bool, jit_compile: bool = True):
+        if self.saved_model is not None:
+            return self.saved_model.signatures["serve_stored" if stored_orientation else "serving_default"]
+        return make_serving_function(self.model, self.task.class_names, self.config,
+                                     stored_orientation=stored_orientation, jit_compile=jit_compile)
+
+
+def load_source(path: str | os.PathLike) -> Source:
+    """A run directory (model.keras) or a SavedModel written by `tf-emnist export`, ready to serve."""
+    path = os.fspath(path)
+    if not is_saved_model(path):
+        model, config, task = load_run(path)
+        return Source(path, task, [config], model=model)
+    import tensorflow as tf
+
+    extra = os.path.join(path, EXTRA)
+    if not os.path.isfile(os.path.join(extra, "config.json")):
+        raise FileNotFoundError(f"{path} is a SavedModel without {EXTRA}/config.json, so not a tf-emnist export; "
+                                "export a run with `tf-emnist export RUN_DIR`")
+    configs = [read_json(os.path.join(extra, "config.json"))]
+    if os.path.isfile(os.path.join(extra, ENSEMBLE)):
+        configs = read_json(os.path.join(extra, ENSEMBLE))["members"]
+    configs = [TrainConfig(**c) for c in configs]
+    return Source(path, get_task(configs[0].task), configs, saved_model=tf.saved_model.load(path))
 
 
 def next_version(task_dir: str) -> int:
@@ -63,18 +135,30 @@ def next_version(task_dir: str) -> int:
     return max(versions, default=0) + 1
 
 
-def export_model(run_dir: str, output_root: str = "saved_models", *, version: int | None = None,
+def export_model(sources, output_root: str = "saved_models", *, version: int | None = None,
                  force: bool = False, jit_compile: bool = True) -> str:
-    """Export a run's model to output_root/<task>/<version>/ as a SavedModel; returns its path.
+    """Export a run's model, or an ensemble, to output_root/<task>/<version>/ as a SavedModel; returns its path.
 
-    Signatures: `serving_default` (upright uint8 images) and `serve_stored` (NIST/tfds
-    orientation). The class names and the training config travel in assets.extra/.
-    Written to a hidden temporary folder and renamed, so a server never sees half a model;
-    an existing version is replaced only with `force`.
+    `sources`: a run directory, or several run directories and tf-emnist SavedModels, whose
+    models are averaged (see make_ensemble_function). Signatures: `serving_default`
+    (upright uint8 images) and `serve_stored` (NIST/tfds orientation). The class names and
+    the training config travel in assets.extra/ (an ensemble's: the first model's in
+    config.json, every model's in ensemble.json). Written to a hidden temporary folder and
+    renamed, so a server never sees half a model; an existing version is replaced only with
+    `force`.
     """
     import keras
 
-    model, config, task = load_run(run_dir)
+    paths = [os.fspath(sources)] if isinstance(sources, (str, os.PathLike)) else [os.fspath(s) for s in sources]
+    if len(paths) == 1 and is_saved_model(paths[0]):
+        raise ValueError(f"{paths[0]} is already a SavedModel; export a run directory, or list several "
+                         "sources to export their ensemble")
+    loaded = [load_source(p) for p in paths]
+    task = loaded[0].task
+    for source in loaded[1:]:
+        if source.task.name != task.name:
+            raise ValueError(f"{source.path} is a {source.task.name} model and {paths[0]} a {task.name} model; "
+                             "an ensemble needs one task")
     task_dir = os.path.join(output_root, task.name)
     version = next_version(task_dir) if version is None else version
     if version < 1:
@@ -83,21 +167,31 @@ def export_model(run_dir: str, output_root: str = "saved_models", *, version: in
     if os.path.exists(target) and not force:
         raise FileExistsError(f"{target} already exists; pass --force to replace it or --version N for another version")
 
+    # The endpoints capture the variables they use, so nothing else is tracked: tracking the
+    # Keras model as well would store every weight twice.
     archive = keras.export.ExportArchive()
-    archive.track(model)
-    for name, stored in (("serve", False), ("serve_stored", True)):
-        archive.add_endpoint(name, make_serving_function(model, task.class_names, config,
-                                                         stored_orientation=stored, jit_compile=jit_compile))
+    for source in loaded:
+        if source.saved_model is not None:
+            archive.track(source.saved_model)
+    for name, stored in SIGNATURES.items():
+        functions = [source.serving_function(stored, jit_compile) for source in loaded]
+        if len(loaded) > 1:
+            functions = [make_ensemble_function(functions, [len(s.configs) for s in loaded], task.class_names)]
+        archive.add_endpoint(name, functions[0])
     with atomic_path(target, directory=True) as tmp:
         archive.write_out(tmp, verbose=False)
-        extra = os.path.join(tmp, "assets.extra")
+        extra = os.path.join(tmp, EXTRA)
         os.makedirs(extra, exist_ok=True)
-        write_json(os.path.join(extra, "config.json"), config.to_dict())
+        configs = [config for source in loaded for config in source.configs]
+        write_json(os.path.join(extra, "config.json"), configs[0].to_dict())
+        if len(configs) > 1:
+            write_json(os.path.join(extra, ENSEMBLE), {"members": [c.to_dict() for c in configs],
+                                                       "sources": [os.path.abspath(p) for p in paths]})
         with open(os.path.join(extra, "labels.txt"), "w") as f:
             f.write("\n".join(task.class_names) + "\n")
         if os.path.exists(target):  # --force: move the old version aside only once the new one is complete
             trash = f"{tmp}.old"
             os.replace(target, trash)
             shutil.rmtree(trash)
-    log.info("exported %s to %s", run_dir, target)
+    log.info("exported %s to %s", " + ".join(paths), target)
     return target
