@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Choose among single runs and ensembles of merged runs on validation, then test the choice once.
 
-Candidates are the merged best run alone and with the other finished merged runs. Each is
+Candidates are the merged best run alone and with the other finished merged runs. A member
+may also be a SavedModel written by `tf-emnist export` (an exported ensemble counts as
+its models), so that members kept in the repository outlive the run directories. Each is
 evaluated on the validation images all of them held out (same seed and fraction). The
 candidate with the best validation accuracy is evaluated once on the official test
 split. The same is done for digit-letter, scored by the summed probabilities of digits
@@ -9,6 +11,7 @@ and letters (what a `--fine-labels` model answers). Writes results/ensembles/val
 and one metrics.json per tested choice.
 
 Usage: scripts/choose_ensemble.py BEST_RUN OTHER_RUN... [--output results/ensembles]
+       (a run directory or an export, e.g. saved_models/merged/1, wherever a run goes)
 """
 import argparse
 import itertools
@@ -18,7 +21,16 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from tf_emnist.evaluate import evaluate_runs  # noqa: E402
+from tf_emnist.export import is_saved_model  # noqa: E402
 from tf_emnist.files import write_csv  # noqa: E402
+
+
+def member_name(path: str) -> str:
+    """runs/best-merged -> best-merged; saved_models/merged/1 -> merged-v1."""
+    path = os.path.normpath(path)
+    if is_saved_model(path):
+        return f"{os.path.basename(os.path.dirname(path))}-v{os.path.basename(path)}"
+    return os.path.basename(path)
 
 
 def main() -> None:
@@ -30,7 +42,7 @@ def main() -> None:
 
     groups = [(args.best,)] + [(args.best, *more) for n in range(1, len(args.others) + 1)
                                for more in itertools.combinations(args.others, n)]
-    candidates = {"+".join(os.path.basename(os.path.normpath(m)) for m in members): members for members in groups}
+    candidates = {"+".join(member_name(m) for m in members): members for members in groups}
     rows, cache = [], {}  # cache: each member's logits, computed once per split
     for name, members in candidates.items():
         out = os.path.join(args.output, name)
