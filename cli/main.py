@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(uint8 [N,28,28] upright images) and serve_stored (NIST/tfds orientation). "
                                         "Several sources (run directories or earlier exports) make one SavedModel "
                                         "that averages their probabilities, each model counted once.")
-    export.add_argument("sources", nargs="+", metavar="RUN_DIR")
+    export.add_argument("sources", nargs="+", metavar="SOURCE",
+                        help="a run directory; several run directories or exports: their ensemble")
     export.add_argument("--output", default="saved_models", help="export root (default: saved_models)")
     export.add_argument("--version", type=int, help="version number (default: the next free one)")
     export.add_argument("--force", action="store_true", help="replace an existing version")
