@@ -2,8 +2,8 @@
 
 Run: python benchmarks/runtime_settings.py {threads,xla} [--tasks merged] [--rounds 3]
 
-TensorFlow sizes its thread pools and XLA reads XLA_FLAGS when the process starts, so each
-setting runs in a child process. The groups:
+TensorFlow sizes its thread pools and XLA reads XLA_FLAGS once per process, so each setting
+runs in a child process. The groups:
 
 - threads: intra-op threads (one op's parallelism, XLA's included) and inter-op threads
   (ops run side by side, as the serving function's two halves are). A server sets the
