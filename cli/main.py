@@ -132,7 +132,8 @@ def cmd_tune(args) -> int:
 def cmd_export(args) -> int:
     from tf_emnist.export import export_model
 
-    path = export_model(args.sources, args.output, version=args.version, force=args.force, jit_compile=args.xla)
+    path = export_model(args.sources, args.output, version=args.version, force=args.force, jit_compile=args.xla,
+                        format=args.format)
     print(path)
     return 0
 
@@ -243,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(tune)
     tune.set_defaults(func=cmd_tune)
 
+    from tf_emnist.export import FORMATS
+
     export = sub.add_parser("export", help="export a run's model, or an ensemble, as a TensorFlow SavedModel "
                                            "(TF Serving layout)",
                             description="Writes OUTPUT/<task>/<version>/ with signatures serving_default "
@@ -256,10 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace an existing version")
     export.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
                         help="XLA-compile the serving function (default on: faster on CPUs)")
+    export.add_argument("--format", choices=FORMATS, default="savedmodel",
+                        help="savedmodel (default), or tflite: OUTPUT/<task>-tflite/<version>/model.tflite, "
+                             "built-in ops only, any batch size; from run directories")
     export.set_defaults(func=cmd_export)
 
     predict = sub.add_parser("predict", help="classify character images (PNG/JPEG, or .npy of uint8 [N,28,28])",
-                             description="MODEL is a SavedModel folder or a run directory. Each image holds one "
+                             description="MODEL is an export (SavedModel or TFLite) or a run directory. Each image holds one "
                                          "character, any size, dark on light or light on dark.")
     predict.add_argument("model")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE")

@@ -157,6 +157,53 @@ def test_ensemble_export_averages_its_models_and_nests(run_dir, other_runs, tmp_
         evaluate_runs([pair], output=tmp_path / "tta", tta=2)
 
 
+def test_unroll_lstms_keeps_the_weights_of_plain_and_bidirectional_lstms():
+    from tf_emnist.export import unroll_lstms
+    from tf_emnist.model import build_model
+
+    model = build_model(TrainConfig(hidden_dim=6, num_layers=2, bidirectional=True), 5)
+    twin = unroll_lstms(model)
+    lstms = [layer for b in twin.layers[:2] for layer in (b.forward_layer, b.backward_layer)]
+    assert len(lstms) == 4 and all(layer.unroll for layer in lstms)
+    x = np.random.default_rng(0).random((3, 28, 28)).astype(np.float32)
+    np.testing.assert_allclose(twin(x).numpy(), model(x).numpy(), atol=1e-6)
+
+
+def test_tflite_export_serves_any_batch_like_the_keras_models(run_dir, other_runs, tmp_path, capsys):
+    from tf_emnist.export import load_tflite_signature
+
+    path = export_model(run_dir, str(tmp_path), format="tflite")
+    assert path == str(tmp_path / "merged-tflite" / "1")
+    assert sorted(os.listdir(path)) == ["assets.extra", "model.tflite"]
+    serve = load_tflite_signature(path)
+    model, config, task = load_run(run_dir)
+    for n in (1, 7, 301):
+        images = np.random.default_rng(n).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        out = serve(images=images)
+        expected = model.predict(images.astype(np.float32) / 255.0, verbose=0)
+        np.testing.assert_allclose(out["logits"], expected, atol=1e-5)
+        assert out["class_ids"].dtype == np.int32 and list(out["class_ids"]) == list(expected.argmax(1))
+        assert [c.decode() for c in out["characters"]] == [task.class_names[i] for i in expected.argmax(1)]
+
+    # An ensemble averages its models' probabilities, as the SavedModel's does.
+    assert run_cli("export", run_dir, other_runs[0], "--output", tmp_path, "--format", "tflite") == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "merged-tflite" / "2")
+    pair = load_tflite_signature(tmp_path / "merged-tflite" / "2")
+    images = np.random.default_rng(3).integers(0, 256, (9, 28, 28), dtype=np.uint8)
+    singles = [m.predict(images.astype(np.float32) / 255.0, verbose=0) for m in (model, load_run(other_runs[0])[0])]
+    mean = sum(np.exp(s) / np.exp(s).sum(1, keepdims=True) for s in singles) / 2
+    np.testing.assert_allclose(pair(images=images)["probabilities"], mean, atol=1e-5)
+
+    # `predict` reads it; a SavedModel member cannot be converted.
+    np.save(tmp_path / "x.npy", images[:2])
+    assert run_cli("predict", path, tmp_path / "x.npy", "--json", "--top-k", 1) == 0
+    assert [r["top"][0]["character"] for r in json.loads(capsys.readouterr().out)] == [
+        task.class_names[i] for i in singles[0][:2].argmax(1)]
+    saved = export_model(run_dir, str(tmp_path / "saved"), jit_compile=False)
+    assert run_cli("export", saved, run_dir, "--output", tmp_path, "--format", "tflite") == 2
+    assert "is a SavedModel; a TFLite export is built from the Keras models" in capsys.readouterr().err
+
+
 def draw_glyph() -> np.ndarray:
     """An EMNIST-like 28x28 upright 'A', light on dark."""
     canvas = Image.new("L", (120, 120), 0)

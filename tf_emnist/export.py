@@ -18,17 +18,19 @@ EXTRA = "assets.extra"
 ENSEMBLE = "ensemble.json"  # in EXTRA: the config of each model an ensemble export averages
 
 SPLIT_FROM = 256  # batches this large are classified in two halves at once
+FORMATS = ("savedmodel", "tflite")
+TFLITE_FILE = "model.tflite"
 # Signature name -> whether it takes images in the NIST/tfds stored orientation.
 SIGNATURES = {"serve": False, "serve_stored": True}
 
 
 def make_serving_function(model, class_names, config: TrainConfig, *, stored_orientation: bool = False,
-                          jit_compile: bool = True):
+                          jit_compile: bool = True, split: bool = True):
     """A tf.function: uint8 images [N, 28, 28] -> logits, probabilities, class_ids, characters.
 
     Images are upright (rows are the character's rows, light ink on dark, as EMNIST shows
     them), or as NIST/tfds store them with `stored_orientation`. Scaling and orientation
-    happen inside the graph.
+    happen inside the graph. `split`: classify large batches in two halves side by side.
     """
     import tensorflow as tf
 
@@ -51,6 +53,8 @@ def make_serving_function(model, class_names, config: TrainConfig, *, stored_ori
 
     @tf.function(input_signature=[tf.TensorSpec(IMAGE_SHAPE, tf.uint8, name="images")])
     def serve(images):
+        if not split:
+            return _outputs(classify(images), class_names)
         logits = tf.cond(tf.shape(images)[0] >= SPLIT_FROM, lambda: in_halves(images), lambda: classify(images))
         return _outputs(logits, class_names)
 
@@ -87,6 +91,84 @@ def _outputs(logits, class_names) -> dict:
 
 def is_saved_model(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, "saved_model.pb"))
+
+
+def is_tflite_export(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(path, TFLITE_FILE))
+
+
+def unroll_lstms(model):
+    """A copy of a Keras model, same weights, whose LSTMs (plain or Bidirectional) are unrolled.
+
+    TFLite's built-in ops cannot run the LSTM's loop at a variable batch size (the
+    converter fails on tf.TensorListReserve); the unrolled 28 steps are plain matmuls and
+    element-wise ops, which they can.
+    """
+    import keras
+
+    def clone(layer):
+        config = layer.get_config()
+        if isinstance(layer, keras.layers.Bidirectional):
+            for direction in ("layer", "backward_layer"):
+                if config.get(direction):
+                    config[direction]["config"]["unroll"] = True
+        elif isinstance(layer, keras.layers.LSTM):
+            config["unroll"] = True
+        return layer.__class__.from_config(config)
+
+    twin = keras.models.clone_model(model, clone_function=clone)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def convert_to_tflite(sources: list, class_names) -> bytes:
+    """A TFLite flatbuffer with signature serving_default, as the SavedModel's (upright images).
+
+    `sources` are run directories' Sources; several make their ensemble. Built-in ops only,
+    any batch size: each model is unrolled (see `unroll_lstms`) and its weights frozen into
+    constants. The TFLite converter does not freeze Keras 3's variables itself: its model
+    then reads uninitialised variables.
+    """
+    import tempfile
+
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    spec = tf.TensorSpec(IMAGE_SHAPE, tf.uint8, name="images")
+    functions = [make_serving_function(unroll_lstms(s.model), class_names, s.config, jit_compile=False, split=False)
+                 for s in sources]
+    serve = functions[0] if len(functions) == 1 else make_ensemble_function(functions, [1] * len(functions),
+                                                                            class_names)
+    logits = tf.function(lambda images: serve(images=images)["logits"], input_signature=[spec])
+    frozen = convert_variables_to_constants_v2(logits.get_concrete_function())
+
+    @tf.function(input_signature=[spec])
+    def signature(images):
+        return _outputs(frozen(images)[0], class_names)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tf.saved_model.save(tf.Module(), tmp, signatures={"serving_default": signature.get_concrete_function()})
+        return tf.lite.TFLiteConverter.from_saved_model(tmp).convert()
+
+
+def load_tflite_signature(path: str | os.PathLike, num_threads: int | None = None):
+    """The serving_default signature of a TFLite export: runner(images=uint8 [N, 28, 28]) -> dict of arrays.
+
+    LiteRT's interpreter (package ai-edge-litert) when installed, else TensorFlow's
+    tf.lite.Interpreter, which TensorFlow deprecates in its favour.
+    """
+    import warnings
+
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+        interpreter = Interpreter(model_path=os.path.join(path, TFLITE_FILE), num_threads=num_threads or os.cpu_count())
+    return interpreter.get_signature_runner("serving_default")
 
 
 @dataclass
@@ -136,7 +218,7 @@ def next_version(task_dir: str) -> int:
 
 
 def export_model(sources, output_root: str = "saved_models", *, version: int | None = None,
-                 force: bool = False, jit_compile: bool = True) -> str:
+                 force: bool = False, jit_compile: bool = True, format: str = "savedmodel") -> str:
     """Export a run's model, or an ensemble, to output_root/<task>/<version>/ as a SavedModel; returns its path.
 
     `sources`: a run directory, or several run directories and tf-emnist SavedModels, whose
@@ -146,9 +228,12 @@ def export_model(sources, output_root: str = "saved_models", *, version: int | N
     config.json, every model's in ensemble.json). Written to a hidden temporary folder and
     renamed, so a server never sees half a model; an existing version is replaced only with
     `force`.
-    """
-    import keras
 
+    `format="tflite"` writes output_root/<task>-tflite/<version>/model.tflite instead, with
+    the same assets.extra/ (see `convert_to_tflite`); its sources must be run directories.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     paths = [os.fspath(sources)] if isinstance(sources, (str, os.PathLike)) else [os.fspath(s) for s in sources]
     if len(paths) == 1 and is_saved_model(paths[0]):
         raise ValueError(f"{paths[0]} is already a SavedModel; export a run directory, or list several "
@@ -159,7 +244,12 @@ def export_model(sources, output_root: str = "saved_models", *, version: int | N
         if source.task.name != task.name:
             raise ValueError(f"{source.path} is a {source.task.name} model and {paths[0]} a {task.name} model; "
                              "an ensemble needs one task")
-    task_dir = os.path.join(output_root, task.name)
+    if format == "tflite":
+        for source in loaded:
+            if source.model is None:
+                raise ValueError(f"{source.path} is a SavedModel; a TFLite export is built from the Keras models, "
+                                 "so list run directories (model.keras)")
+    task_dir = os.path.join(output_root, task.name + ("-tflite" if format == "tflite" else ""))
     version = next_version(task_dir) if version is None else version
     if version < 1:
         raise ValueError(f"version must be a positive integer, got {version}")
@@ -167,19 +257,12 @@ def export_model(sources, output_root: str = "saved_models", *, version: int | N
     if os.path.exists(target) and not force:
         raise FileExistsError(f"{target} already exists; pass --force to replace it or --version N for another version")
 
-    # The endpoints capture the variables they use, so nothing else is tracked: tracking the
-    # Keras model as well would store every weight twice.
-    archive = keras.export.ExportArchive()
-    for source in loaded:
-        if source.saved_model is not None:
-            archive.track(source.saved_model)
-    for name, stored in SIGNATURES.items():
-        functions = [source.serving_function(stored, jit_compile) for source in loaded]
-        if len(loaded) > 1:
-            functions = [make_ensemble_function(functions, [len(s.configs) for s in loaded], task.class_names)]
-        archive.add_endpoint(name, functions[0])
     with atomic_path(target, directory=True) as tmp:
-        archive.write_out(tmp, verbose=False)
+        if format == "tflite":
+            with open(os.path.join(tmp, TFLITE_FILE), "wb") as f:
+                f.write(convert_to_tflite(loaded, task.class_names))
+        else:
+            _build_archive(loaded, task, jit_compile).write_out(tmp, verbose=False)
         extra = os.path.join(tmp, EXTRA)
         os.makedirs(extra, exist_ok=True)
         configs = [config for source in loaded for config in source.configs]
@@ -195,3 +278,21 @@ def export_model(sources, output_root: str = "saved_models", *, version: int | N
             shutil.rmtree(trash)
     log.info("exported %s to %s", " + ".join(paths), target)
     return target
+
+
+def _build_archive(loaded: list, task: Task, jit_compile: bool):
+    """A keras ExportArchive with the SIGNATURES of `loaded`'s model, or of their ensemble."""
+    import keras
+
+    # The endpoints capture the variables they use, so nothing else is tracked: tracking the
+    # Keras model as well would store every weight twice.
+    archive = keras.export.ExportArchive()
+    for source in loaded:
+        if source.saved_model is not None:
+            archive.track(source.saved_model)
+    for name, stored in SIGNATURES.items():
+        functions = [source.serving_function(stored, jit_compile) for source in loaded]
+        if len(loaded) > 1:
+            functions = [make_ensemble_function(functions, [len(s.configs) for s in loaded], task.class_names)]
+        archive.add_endpoint(name, functions[0])
+    return archive

@@ -92,15 +92,20 @@ def read_inputs(path: str) -> np.ndarray:
 
 
 class Predictor:
-    """Classifies upright uint8 images with an exported SavedModel or a run directory's model."""
+    """Classifies upright uint8 images with an export (SavedModel or TFLite) or a run directory's model."""
 
     def __init__(self, path: str):
-        import tensorflow as tf
+        from tf_emnist.export import EXTRA, is_saved_model, is_tflite_export, load_tflite_signature
 
-        if os.path.isfile(os.path.join(path, "saved_model.pb")):
-            self.serve = tf.saved_model.load(path).signatures["serving_default"]
-            with open(os.path.join(path, "assets.extra", "labels.txt")) as f:
+        if is_saved_model(path) or is_tflite_export(path):
+            with open(os.path.join(path, EXTRA, "labels.txt")) as f:
                 self.class_names = [line.rstrip("\n") for line in f if line.strip()]
+            if is_tflite_export(path):
+                self.serve = load_tflite_signature(path)
+            else:
+                import tensorflow as tf
+
+                self.serve = tf.saved_model.load(path).signatures["serving_default"]
         elif os.path.isfile(os.path.join(path, "model.keras")):
             from tf_emnist.export import make_serving_function
             from tf_emnist.training import load_run
@@ -110,15 +115,13 @@ class Predictor:
             self.class_names = list(task.class_names)
         else:
             raise FileNotFoundError(
-                f"{path} is neither a SavedModel (saved_model.pb) nor a tf-emnist run (model.keras); "
+                f"{path} is neither an export (saved_model.pb or model.tflite) nor a tf-emnist run (model.keras); "
                 "pass `tf-emnist export`'s output or a run directory"
             )
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        import tensorflow as tf
-
-        out = self.serve(images=tf.constant(images, tf.uint8))
-        return {k: v.numpy() for k, v in out.items()}
+        out = self.serve(images=np.ascontiguousarray(images, np.uint8))
+        return {k: np.asarray(v) for k, v in out.items()}
 
     def top_k(self, images: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:
         """For each image, the k most likely characters with their probabilities."""
