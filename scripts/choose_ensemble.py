@@ -21,14 +21,14 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from tf_emnist.evaluate import evaluate_runs  # noqa: E402
-from tf_emnist.export import is_saved_model  # noqa: E402
+from tf_emnist.export import is_export  # noqa: E402
 from tf_emnist.files import write_csv  # noqa: E402
 
 
 def member_name(path: str) -> str:
     """runs/best-merged -> best-merged; saved_models/merged/1 -> merged-v1."""
     path = os.path.normpath(path)
-    if is_saved_model(path):
+    if is_export(path):
         return f"{os.path.basename(os.path.dirname(path))}-v{os.path.basename(path)}"
     return os.path.basename(path)
 

@@ -152,7 +152,7 @@ def test_ensemble_export_averages_its_models_and_nests(run_dir, other_runs, tmp_
 
     # A lone SavedModel is not exported again, and --tta needs the Keras models.
     assert run_cli("export", pair, "--output", tmp_path / "again") == 2
-    assert "is already a SavedModel" in capsys.readouterr().err
+    assert "is already an export" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--tta needs run directories"):
         evaluate_runs([pair], output=tmp_path / "tta", tta=2)
 
@@ -194,6 +194,15 @@ def test_tflite_export_serves_any_batch_like_the_keras_models(run_dir, other_run
     mean = sum(np.exp(s) / np.exp(s).sum(1, keepdims=True) for s in singles) / 2
     np.testing.assert_allclose(pair(images=images)["probabilities"], mean, atol=1e-5)
 
+    # `evaluate` reads it (the serve_stored orientation is turned in numpy), as it reads the run.
+    from tf_emnist.evaluate import evaluate_runs
+    of_run = evaluate_runs([run_dir], split="test", output=tmp_path / "of-run")
+    of_tflite = evaluate_runs([path], split="test", output=tmp_path / "of-tflite")
+    assert of_tflite["test_accuracy"] == of_run["test_accuracy"]
+    assert of_tflite["test_loss"] == pytest.approx(of_run["test_loss"], abs=1e-4)
+    with pytest.raises(ValueError, match="is a TFLite export, which cannot join a SavedModel"):
+        export_model([path, run_dir], str(tmp_path / "mixed"))
+
     # `predict` reads it; a SavedModel member cannot be converted.
     np.save(tmp_path / "x.npy", images[:2])
     assert run_cli("predict", path, tmp_path / "x.npy", "--json", "--top-k", 1) == 0
@@ -201,7 +210,7 @@ def test_tflite_export_serves_any_batch_like_the_keras_models(run_dir, other_run
         task.class_names[i] for i in singles[0][:2].argmax(1)]
     saved = export_model(run_dir, str(tmp_path / "saved"), jit_compile=False)
     assert run_cli("export", saved, run_dir, "--output", tmp_path, "--format", "tflite") == 2
-    assert "is a SavedModel; a TFLite export is built from the Keras models" in capsys.readouterr().err
+    assert "is an export; a TFLite export is built from the Keras models" in capsys.readouterr().err
 
 
 def draw_glyph() -> np.ndarray:

@@ -135,7 +135,7 @@ def test_output_dir_of_another_run_is_refused_and_kept(nist_dir, tmp_path, capsy
     (["train", "--epochs", "seven"], "epochs: expected int, got 'seven'"),
     (["train", "--dropout", "2"], "dropout must be in [0, 1)"),
     (["train", "--data-dir", "/nonexistent/emnist"], "does not exist"),
-    (["evaluate", "/nonexistent/run"], "is not a tf-emnist run with a model"),
+    (["evaluate", "/nonexistent/run"], "is neither a tf-emnist run (model.keras) nor an export"),
 ])
 def test_bad_input_gets_one_line_and_nonzero_exit(args, message, capsys, tmp_path):
     output = ["--output", tmp_path / "r"] if args[0] == "train" else []

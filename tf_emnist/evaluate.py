@@ -106,22 +106,22 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
     among ensembles that share members).
     """
     from tf_emnist.data import load_split, split_validation
-    from tf_emnist.export import is_saved_model, load_source
+    from tf_emnist.export import is_export, load_source
     from tf_emnist.plots import plot_confusion
     from tf_emnist.training import STATE
 
     run_dirs = [os.fspath(r) for r in run_dirs]
     if split not in ("test", "validation"):
         raise ValueError(f"unknown split {split!r}; choose test or validation")
-    plain_run = len(run_dirs) == 1 and tta == 1 and not is_saved_model(run_dirs[0])
+    plain_run = len(run_dirs) == 1 and tta == 1 and not is_export(run_dirs[0])
     if output is None and not plain_run:
-        raise ValueError("an ensemble, a SavedModel or --tta needs --output DIR for its metrics, "
+        raise ValueError("an ensemble, an export or --tta needs --output DIR for its metrics, "
                          "so that a run's own metrics stay its plain model's")
     if tta < 1 or not tta_strength >= 0:
         raise ValueError(f"--tta must be >= 1 and --tta-strength >= 0; got {tta} and {tta_strength}")
     sources = [load_source(r) for r in run_dirs]
-    if tta > 1 and any(s.saved_model is not None for s in sources):
-        raise ValueError("--tta needs run directories (Keras models), not SavedModels; drop --tta or pass the runs")
+    if tta > 1 and any(s.model is None for s in sources):
+        raise ValueError("--tta needs run directories (Keras models), not exports; drop --tta or pass the runs")
     task, config = sources[0].task, sources[0].config
     data_keys = ("data_dir", "tfds_dir", "validation_split", "split_seed", "limit_train", "upright")
     for source in sources:
@@ -145,7 +145,7 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
     for source in sources:
         key = (os.path.abspath(source.path), split, limit_test, data_dir, tta, tta_strength)
         if key not in cache:
-            if source.saved_model is not None:
+            if source.model is None:
                 cache[key] = serve_logits(source.serving_function(stored_orientation=True), images)
             else:
                 cache[key] = predict_logits(source.model, images, source.config.upright, tta=tta,
@@ -175,9 +175,7 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
 
 def serve_logits(serve, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """Logits [N, classes] of a serving signature (uint8 images -> a dict with "logits"), batch by batch."""
-    import tensorflow as tf
-
-    return np.concatenate([serve(images=tf.constant(images[i:i + batch_size]))["logits"].numpy()
+    return np.concatenate([np.asarray(serve(images=images[i:i + batch_size])["logits"])
                            for i in range(0, len(images), batch_size)]).astype(np.float64)
 
 

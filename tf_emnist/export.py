@@ -1,4 +1,4 @@
-"""SavedModel export in the TF Serving layout, with a raw-image serving signature; ensembles of exports."""
+"""SavedModel (TF Serving layout) and TFLite export with a raw-image serving signature; ensembles of exports."""
 from __future__ import annotations
 
 import logging
@@ -6,10 +6,12 @@ import os
 import shutil
 from dataclasses import dataclass
 
+import numpy as np
+
 from tf_emnist.config import TrainConfig
 from tf_emnist.files import atomic_path, read_json, write_json
 from tf_emnist.tasks import Task, get_task
-from tf_emnist.training import load_run
+from tf_emnist.training import MODEL, load_run
 
 log = logging.getLogger("tf_emnist")
 
@@ -97,6 +99,10 @@ def is_tflite_export(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, TFLITE_FILE))
 
 
+def is_export(path: str | os.PathLike) -> bool:
+    return is_saved_model(path) or is_tflite_export(path)
+
+
 def unroll_lstms(model):
     """A copy of a Keras model, same weights, whose LSTMs (plain or Bidirectional) are unrolled.
 
@@ -173,42 +179,56 @@ def load_tflite_signature(path: str | os.PathLike, num_threads: int | None = Non
 
 @dataclass
 class Source:
-    """What export and evaluate need of a run directory or of a tf-emnist SavedModel export."""
+    """What export and evaluate need of a run directory or of a tf-emnist export (SavedModel or TFLite)."""
 
     path: str
     task: Task
     configs: list[TrainConfig]  # one per model: several for an exported ensemble
     model: object = None  # the Keras model of a run directory
-    saved_model: object = None  # the loaded SavedModel of an export
+    saved_model: object = None  # the loaded SavedModel of a SavedModel export
+    tflite: object = None  # the serving signature of a TFLite export (see load_tflite_signature)
 
     @property
     def config(self) -> TrainConfig:
         return self.configs[0]
 
     def serving_function(self, stored_orientation: bool, jit_compile: bool = True):
+        """images=uint8 [N, 28, 28] -> a dict with logits, probabilities, class_ids, characters."""
         if self.saved_model is not None:
             return self.saved_model.signatures["serve_stored" if stored_orientation else "serving_default"]
+        if self.tflite is not None:  # a TFLite export has only the upright signature
+            def serve(images):
+                images = np.asarray(images)
+                return self.tflite(images=np.ascontiguousarray(images.transpose(0, 2, 1)) if stored_orientation
+                                   else images)
+            return serve
         return make_serving_function(self.model, self.task.class_names, self.config,
                                      stored_orientation=stored_orientation, jit_compile=jit_compile)
 
 
 def load_source(path: str | os.PathLike) -> Source:
-    """A run directory (model.keras) or a SavedModel written by `tf-emnist export`, ready to serve."""
+    """A run directory (model.keras) or an export written by `tf-emnist export`, ready to serve."""
     path = os.fspath(path)
-    if not is_saved_model(path):
+    if not is_export(path):
+        if not os.path.isfile(os.path.join(path, MODEL)):
+            raise FileNotFoundError(f"{path} is neither a tf-emnist run ({MODEL}) nor an export (saved_model.pb or "
+                                    f"{TFLITE_FILE}); train with `tf-emnist train` or export with `tf-emnist export`")
         model, config, task = load_run(path)
         return Source(path, task, [config], model=model)
-    import tensorflow as tf
-
     extra = os.path.join(path, EXTRA)
     if not os.path.isfile(os.path.join(extra, "config.json")):
-        raise FileNotFoundError(f"{path} is a SavedModel without {EXTRA}/config.json, so not a tf-emnist export; "
+        raise FileNotFoundError(f"{path} is an export without {EXTRA}/config.json, so not a tf-emnist export; "
                                 "export a run with `tf-emnist export RUN_DIR`")
     configs = [read_json(os.path.join(extra, "config.json"))]
     if os.path.isfile(os.path.join(extra, ENSEMBLE)):
         configs = read_json(os.path.join(extra, ENSEMBLE))["members"]
     configs = [TrainConfig(**c) for c in configs]
-    return Source(path, get_task(configs[0].task), configs, saved_model=tf.saved_model.load(path))
+    task = get_task(configs[0].task)
+    if is_tflite_export(path):
+        return Source(path, task, configs, tflite=load_tflite_signature(path))
+    import tensorflow as tf
+
+    return Source(path, task, configs, saved_model=tf.saved_model.load(path))
 
 
 def next_version(task_dir: str) -> int:
@@ -235,8 +255,8 @@ def export_model(sources, output_root: str = "saved_models", *, version: int | N
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     paths = [os.fspath(sources)] if isinstance(sources, (str, os.PathLike)) else [os.fspath(s) for s in sources]
-    if len(paths) == 1 and is_saved_model(paths[0]):
-        raise ValueError(f"{paths[0]} is already a SavedModel; export a run directory, or list several "
+    if len(paths) == 1 and is_export(paths[0]):
+        raise ValueError(f"{paths[0]} is already an export; export a run directory, or list several "
                          "sources to export their ensemble")
     loaded = [load_source(p) for p in paths]
     task = loaded[0].task
@@ -244,11 +264,13 @@ def export_model(sources, output_root: str = "saved_models", *, version: int | N
         if source.task.name != task.name:
             raise ValueError(f"{source.path} is a {source.task.name} model and {paths[0]} a {task.name} model; "
                              "an ensemble needs one task")
-    if format == "tflite":
-        for source in loaded:
-            if source.model is None:
-                raise ValueError(f"{source.path} is a SavedModel; a TFLite export is built from the Keras models, "
-                                 "so list run directories (model.keras)")
+    for source in loaded:
+        if format == "tflite" and source.model is None:
+            raise ValueError(f"{source.path} is an export; a TFLite export is built from the Keras models, "
+                             "so list run directories (model.keras)")
+        if source.tflite is not None:
+            raise ValueError(f"{source.path} is a TFLite export, which cannot join a SavedModel; "
+                             "list its run directories instead")
     task_dir = os.path.join(output_root, task.name + ("-tflite" if format == "tflite" else ""))
     version = next_version(task_dir) if version is None else version
     if version < 1:

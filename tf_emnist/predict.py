@@ -95,29 +95,11 @@ class Predictor:
     """Classifies upright uint8 images with an export (SavedModel or TFLite) or a run directory's model."""
 
     def __init__(self, path: str):
-        from tf_emnist.export import EXTRA, is_saved_model, is_tflite_export, load_tflite_signature
+        from tf_emnist.export import load_source
 
-        if is_saved_model(path) or is_tflite_export(path):
-            with open(os.path.join(path, EXTRA, "labels.txt")) as f:
-                self.class_names = [line.rstrip("\n") for line in f if line.strip()]
-            if is_tflite_export(path):
-                self.serve = load_tflite_signature(path)
-            else:
-                import tensorflow as tf
-
-                self.serve = tf.saved_model.load(path).signatures["serving_default"]
-        elif os.path.isfile(os.path.join(path, "model.keras")):
-            from tf_emnist.export import make_serving_function
-            from tf_emnist.training import load_run
-
-            model, config, task = load_run(path)
-            self.serve = make_serving_function(model, task.class_names, config)
-            self.class_names = list(task.class_names)
-        else:
-            raise FileNotFoundError(
-                f"{path} is neither an export (saved_model.pb or model.tflite) nor a tf-emnist run (model.keras); "
-                "pass `tf-emnist export`'s output or a run directory"
-            )
+        source = load_source(path)
+        self.serve = source.serving_function(stored_orientation=False)
+        self.class_names = list(source.task.class_names)
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         out = self.serve(images=np.ascontiguousarray(images, np.uint8))
