@@ -14,3 +14,14 @@ def test_peak_memory_of_a_child_is_its_own_not_its_parents():
                            capture_output=True, text=True, check=True)
     assert 0 < float(child.stdout.strip().splitlines()[-1]) < 300
     del ballast
+
+
+def test_inference_figures_cover_every_serving_path():
+    from tf_emnist.bench import inference_figures, synthetic
+    from tf_emnist.config import TrainConfig
+
+    images, _ = synthetic(64, 47)
+    figures = inference_figures(TrainConfig(hidden_dim=8, num_layers=1), images, batch_size=32, repeats=1)
+    for name in ("serving_xla", "serving_plain", "tflite"):
+        assert figures[f"{name}_samples_per_s"] > 0 and figures[f"{name}_latency_ms"] > 0
+    assert figures["keras_predict_samples_per_s"] > 0

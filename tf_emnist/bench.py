@@ -64,10 +64,12 @@ def training_samples_per_s(config: TrainConfig, images, labels, steps: int, warm
 
 
 def inference_figures(config: TrainConfig, images, batch_size: int = 1024, repeats: int = 3) -> dict:
-    """Keras predict and the exported serving function (XLA and not): samples/s and 1-image latency."""
+    """Keras predict, the exported serving function (XLA and not) and the TFLite export: samples/s, 1-image latency."""
+    import tempfile
+
     import tensorflow as tf
 
-    from tf_emnist.export import make_serving_function
+    from tf_emnist.export import Source, TFLITE_FILE, convert_to_tflite, load_tflite_signature, make_serving_function
     from tf_emnist.model import build_model
 
     task = get_task(config.task)
@@ -85,18 +87,29 @@ def inference_figures(config: TrainConfig, images, batch_size: int = 1024, repea
             times.append(time.perf_counter() - start)
         return len(data) / min(times)
 
-    figures["keras_predict_samples_per_s"] = best_rate(lambda x: model.predict(x, batch_size=batch_size, verbose=0), floats)
-    for name, jit in (("serving_xla", True), ("serving_plain", False)):
-        serve = make_serving_function(model, task.class_names, config, jit_compile=jit)
-        figures[f"{name}_samples_per_s"] = best_rate(lambda x: serve(tf.constant(x))["logits"].numpy(), images)
-        one = tf.constant(images[:1])
-        serve(one)
+    def median_latency_ms(fn):
+        fn(images[:1])
         latencies = []
         for _ in range(100):
             start = time.perf_counter()
-            serve(one)["logits"].numpy()
+            fn(images[:1])
             latencies.append(time.perf_counter() - start)
-        figures[f"{name}_latency_ms"] = 1000 * statistics.median(latencies)
+        return 1000 * statistics.median(latencies)
+
+    figures["keras_predict_samples_per_s"] = best_rate(lambda x: model.predict(x, batch_size=batch_size, verbose=0), floats)
+    servers = {name: make_serving_function(model, task.class_names, config, jit_compile=jit)
+               for name, jit in (("serving_xla", True), ("serving_plain", False))}
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, TFLITE_FILE), "wb") as f:
+            f.write(convert_to_tflite([Source("", task, [config], model=model)], task.class_names))
+        servers["tflite"] = load_tflite_signature(tmp)
+    for name, serve in servers.items():
+        if name == "tflite":
+            logits = lambda x: serve(images=x)["logits"]  # noqa: E731
+        else:
+            logits = lambda x: serve(tf.constant(x))["logits"].numpy()  # noqa: E731
+        figures[f"{name}_samples_per_s"] = best_rate(logits, images)
+        figures[f"{name}_latency_ms"] = median_latency_ms(logits)
     return figures
 
 
@@ -195,6 +208,7 @@ def run_benchmark(tasks=("digit-letter", "merged"), *, steps: int = 30, rounds: 
             row["train_ratio"] = row["train_samples_per_s"] / row["torch_train_samples_per_s"]
             row["serving_ratio"] = row["serving_xla_samples_per_s"] / row["torch_infer_samples_per_s"]
             row["predict_ratio"] = row["keras_predict_samples_per_s"] / row["torch_infer_samples_per_s"]
+            row["tflite_ratio"] = row["tflite_samples_per_s"] / row["torch_infer_samples_per_s"]
         row["pipeline_over_training"] = row["pipeline_samples_per_s"] / row["train_samples_per_s"]
         results["tasks"][name] = row
     if memory:
