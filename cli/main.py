@@ -210,10 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="One run directory: its model. Several: their ensemble, the average of their probabilities. "
                     "Choose an ensemble on --split validation first, then evaluate it on the test split once.")
     evaluate.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                          help="run directories or SavedModels from `tf-emnist export`; several: their ensemble")
+                          help="run directories or exports (SavedModel or TFLite) from `tf-emnist export`; several: their ensemble")
     evaluate.add_argument("--split", choices=["test", "validation"], default="test",
                           help="test (default), or the validation images the runs held out of train")
-    evaluate.add_argument("--output", help="where the metrics go (required for several runs, a SavedModel or --tta)")
+    evaluate.add_argument("--output", help="where the metrics go (required for several runs, an export or --tta)")
     evaluate.add_argument("--tta", type=int, default=1, metavar="VIEWS",
                           help="test-time augmentation: average the image and VIEWS-1 randomly transformed copies "
                                "(default 1: off; choose it on --split validation)")

@@ -95,6 +95,18 @@ def test_interrupted_export_leaves_nothing_behind(run_dir, tmp_path, monkeypatch
     assert os.listdir(tmp_path / "merged") == []
 
 
+def test_exports_are_readable_by_other_users(run_dir, tmp_path):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = export_model(run_dir, str(tmp_path), jit_compile=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o755  # not mkdtemp's private 0700
+    assert stat.S_IMODE(os.stat(os.path.join(path, "assets.extra", "config.json")).st_mode) == 0o644
+
+
 @pytest.fixture(scope="module")
 def other_runs(run_dir, tmp_path_factory):
     """Two more runs of the same data and validation split, with other widths and seeds."""

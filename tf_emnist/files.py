@@ -24,6 +24,9 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False):
     else:
         fd, tmp = tempfile.mkstemp(prefix=prefix, dir=parent, suffix=os.path.splitext(path)[1])
         os.close(fd)
+    # mkdtemp and mkstemp make private (0700, 0600) entries; the result gets the usual
+    # permissions, so that a model server running as another user can read an export.
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
     try:
         yield tmp
         os.replace(tmp, path)
@@ -33,6 +36,12 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False):
         elif os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
