@@ -1,6 +1,7 @@
-"""The pretrained SavedModels shipped in saved_models/<task>/<version>: plain TensorFlow loads them and they classify.
+"""The pretrained models shipped in saved_models/: plain TensorFlow loads them and they classify.
 
-With TF_EMNIST_DATA_DIR set, they are also checked on real test images.
+SavedModels in <task>/<version>, TFLite models in <task>-tflite/<version>. With
+TF_EMNIST_DATA_DIR set, they are also checked on real test images.
 """
 import json
 import os
@@ -16,20 +17,32 @@ SHIPPED = {f"{task}/{version}": os.path.join(ROOT, task, version)  # e.g. "merge
            for version in sorted(os.listdir(os.path.join(ROOT, task))) if version.isdigit()}
 
 
-def test_a_merged_model_ships():
-    assert "merged/1" in SHIPPED
+def test_a_merged_model_ships_in_each_format():
+    assert "merged/1" in SHIPPED and "merged-tflite/1" in SHIPPED
+
+
+def task_of(name: str) -> str:
+    return name.split("/")[0].removesuffix("-tflite")
 
 
 @pytest.fixture(scope="module")
 def loaded():
+    """name -> {signature name: function(images=uint8 array) -> outputs}, loaded with plain TensorFlow."""
     import tensorflow as tf
 
-    return {name: tf.saved_model.load(path) for name, path in SHIPPED.items()}
+    functions = {}
+    for name, path in SHIPPED.items():
+        if name.split("/")[0].endswith("-tflite"):
+            interpreter = tf.lite.Interpreter(os.path.join(path, "model.tflite"))
+            functions[name] = {"serving_default": interpreter.get_signature_runner("serving_default")}
+        else:
+            functions[name] = tf.saved_model.load(path).signatures
+    return functions
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_model_is_the_best_preset_and_names_its_classes(name):
-    path, task_name = SHIPPED[name], name.split("/")[0]
+    path, task_name = SHIPPED[name], task_of(name)
     with open(os.path.join(path, "assets.extra", "config.json")) as f:
         config = json.load(f)
     with open(os.path.join(path, "assets.extra", "labels.txt")) as f:
@@ -40,28 +53,25 @@ def test_shipped_model_is_the_best_preset_and_names_its_classes(name):
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_model_serves_both_orientations_alike(loaded, name):
-    import tensorflow as tf
-
     images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
-    model, task_name = loaded[name], name.split("/")[0]
-    upright = model.signatures["serving_default"](images=tf.constant(images))
-    stored = model.signatures["serve_stored"](images=tf.constant(images.transpose(0, 2, 1)))
-    num_classes = get_task(task_name).num_classes
-    assert upright["probabilities"].shape == (3, num_classes)
-    np.testing.assert_allclose(upright["probabilities"].numpy().sum(axis=1), 1, atol=1e-5)
-    np.testing.assert_allclose(upright["logits"], stored["logits"], atol=1e-5)
-    assert upright["characters"].dtype == tf.string
+    signatures = loaded[name]
+    upright = {k: np.asarray(v) for k, v in signatures["serving_default"](images=images).items()}
+    assert upright["probabilities"].shape == (3, get_task(task_of(name)).num_classes)
+    np.testing.assert_allclose(upright["probabilities"].sum(axis=1), 1, atol=1e-5)
+    assert [c.decode() for c in upright["characters"]] == [get_task(task_of(name)).class_names[i]
+                                                          for i in upright["logits"].argmax(1)]
+    if "serve_stored" in signatures:  # TFLite exports have the upright signature only
+        stored = signatures["serve_stored"](images=images.transpose(0, 2, 1))
+        np.testing.assert_allclose(upright["logits"], stored["logits"], atol=1e-5)
 
 
 @pytest.mark.real_data
-@pytest.mark.parametrize("name", [name for name in sorted(SHIPPED) if name.startswith("merged/")])
+@pytest.mark.parametrize("name", [name for name in sorted(SHIPPED) if task_of(name) == "merged"])
 def test_shipped_model_reads_real_test_images(loaded, real_data_dir, name):
-    import tensorflow as tf
-
     from tf_emnist.config import TrainConfig
     from tf_emnist.data import load_split
 
     task = get_task("merged")
     stored, labels = load_split(task, "test", TrainConfig(data_dir=real_data_dir, limit_test=3000))
-    merged = loaded[name].signatures["serve_stored"](images=tf.constant(stored))
-    assert np.mean(merged["class_ids"].numpy() == labels) > 0.85  # 89.75 % and more on the whole test split
+    merged = loaded[name]["serving_default"](images=np.ascontiguousarray(stored.transpose(0, 2, 1)))
+    assert np.mean(np.asarray(merged["class_ids"]) == labels) > 0.85  # 89.59 % and more on the whole test split
