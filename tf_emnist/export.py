@@ -260,11 +260,10 @@ def export_model(sources, output_root: str = "saved_models", *, version: int | N
                          "sources to export their ensemble")
     loaded = [load_source(p) for p in paths]
     task = loaded[0].task
-    for source in loaded[1:]:
+    for source in loaded:
         if source.task.name != task.name:
             raise ValueError(f"{source.path} is a {source.task.name} model and {paths[0]} a {task.name} model; "
                              "an ensemble needs one task")
-    for source in loaded:
         if format == "tflite" and source.model is None:
             raise ValueError(f"{source.path} is an export; a TFLite export is built from the Keras models, "
                              "so list run directories (model.keras)")
