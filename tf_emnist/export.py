@@ -152,9 +152,15 @@ def convert_to_tflite(sources: list, class_names) -> bytes:
     def signature(images):
         return _outputs(frozen(images)[0], class_names)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tf.saved_model.save(tf.Module(), tmp, signatures={"serving_default": signature.get_concrete_function()})
-        return tf.lite.TFLiteConverter.from_saved_model(tmp).convert()
+    tf_log = logging.getLogger("tensorflow")
+    level = tf_log.level
+    tf_log.setLevel(logging.WARNING)  # not "Assets written to: <a temporary folder>"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tf.saved_model.save(tf.Module(), tmp, signatures={"serving_default": signature.get_concrete_function()})
+            return tf.lite.TFLiteConverter.from_saved_model(tmp).convert()
+    finally:
+        tf_log.setLevel(level)
 
 
 def load_tflite_signature(path: str | os.PathLike, num_threads: int | None = None):
