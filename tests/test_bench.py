@@ -22,6 +22,6 @@ def test_inference_figures_cover_every_serving_path():
 
     images, _ = synthetic(64, 47)
     figures = inference_figures(TrainConfig(hidden_dim=8, num_layers=1), images, batch_size=32, repeats=1)
-    for name in ("serving_xla", "serving_plain", "tflite"):
+    for name in ("serving_xla", "serving_plain", "tflite", "tflite_int8"):
         assert figures[f"{name}_samples_per_s"] > 0 and figures[f"{name}_latency_ms"] > 0
     assert figures["keras_predict_samples_per_s"] > 0

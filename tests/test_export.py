@@ -225,6 +225,48 @@ def test_tflite_export_serves_any_batch_like_the_keras_models(run_dir, other_run
     assert "is an export; a TFLite export is built from the Keras models" in capsys.readouterr().err
 
 
+def test_tflite_quantized_exports_shrink_and_stay_close_to_the_float_model(tmp_path, capsys):
+    import tensorflow as tf
+
+    from tf_emnist.export import Source, convert_to_tflite, is_tflite_export
+    from tf_emnist.model import build_model
+    from tf_emnist.tasks import get_task
+
+    # Weights of 1,024 elements or more get quantized: a 2 x 32 model's kernels have them,
+    # the module's tiny run's do not.
+    task = get_task("merged")
+    config = TrainConfig(hidden_dim=32, num_layers=2)
+    source = Source("", task, [config], model=build_model(config, task.num_classes))
+    kernels = sorted((w.shape[1], w.shape[0]) for w in source.model.weights if len(w.shape) == 2)  # TFLite: [out, in]
+    images = np.random.default_rng(4).integers(0, 256, (200, 28, 28), dtype=np.uint8)
+    blobs, logits = {}, {}
+    for quantize, stored in (("none", np.float32), ("dynamic", np.int8), ("float16", np.float16)):
+        blobs[quantize] = convert_to_tflite([source], task.class_names, quantize)
+        interpreter = tf.lite.Interpreter(model_content=blobs[quantize])
+        logits[quantize] = interpreter.get_signature_runner("serving_default")(images=images)["logits"]
+        shapes = [tuple(t["shape"]) for t in interpreter.get_tensor_details() if t["dtype"] == stored]
+        assert set(kernels) <= set(shapes), quantize  # every kernel stored in that type
+    assert len(blobs["dynamic"]) < len(blobs["float16"]) < len(blobs["none"])
+    spread = logits["none"].std()
+    assert np.abs(logits["float16"] - logits["none"]).max() < 0.01 * spread
+    assert 0 < np.abs(logits["dynamic"] - logits["none"]).max() < 0.2 * spread
+
+    # The CLI writes the quantization beside the model; a SavedModel is not quantized.
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        convert_to_tflite([source], task.class_names, "int4")
+    run = tmp_path / "run"  # a run directory: the model and its config
+    run.mkdir()
+    source.model.save(run / "model.keras")
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    assert run_cli("export", run, "--output", tmp_path, "--format", "tflite", "--quantize", "dynamic") == 0
+    path = capsys.readouterr().out.strip()
+    assert is_tflite_export(path)
+    with open(os.path.join(path, "assets.extra", "export.json")) as f:
+        assert json.load(f) == {"format": "tflite", "quantize": "dynamic"}
+    assert run_cli("export", run, "--output", tmp_path, "--quantize", "dynamic") == 2
+    assert "is for TFLite exports; add --format tflite" in capsys.readouterr().err
+
+
 def draw_glyph() -> np.ndarray:
     """An EMNIST-like 28x28 upright 'A', light on dark."""
     canvas = Image.new("L", (120, 120), 0)

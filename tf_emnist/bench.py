@@ -64,7 +64,8 @@ def training_samples_per_s(config: TrainConfig, images, labels, steps: int, warm
 
 
 def inference_figures(config: TrainConfig, images, batch_size: int = 1024, repeats: int = 3) -> dict:
-    """Keras predict, the exported serving function (XLA and not) and the TFLite export: samples/s, 1-image latency."""
+    """Keras predict, the exported serving function (XLA and not), the TFLite export in float32 and int8
+    (dynamic-range quantization): samples/s and 1-image latency."""
     import tempfile
 
     import tensorflow as tf
@@ -99,12 +100,13 @@ def inference_figures(config: TrainConfig, images, batch_size: int = 1024, repea
     figures["keras_predict_samples_per_s"] = best_rate(lambda x: model.predict(x, batch_size=batch_size, verbose=0), floats)
     servers = {name: make_serving_function(model, task.class_names, config, jit_compile=jit)
                for name, jit in (("serving_xla", True), ("serving_plain", False))}
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, TFLITE_FILE), "wb") as f:
-            f.write(convert_to_tflite([Source("", task, [config], model=model)], task.class_names))
-        servers["tflite"] = load_tflite_signature(tmp)
+    for name, quantize in (("tflite", "none"), ("tflite_int8", "dynamic")):
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, TFLITE_FILE), "wb") as f:
+                f.write(convert_to_tflite([Source("", task, [config], model=model)], task.class_names, quantize))
+            servers[name] = load_tflite_signature(tmp)
     for name, serve in servers.items():
-        if name == "tflite":
+        if name.startswith("tflite"):
             logits = lambda x: serve(images=x)["logits"]  # noqa: E731
         else:
             logits = lambda x: serve(tf.constant(x))["logits"].numpy()  # noqa: E731
@@ -113,23 +115,44 @@ def inference_figures(config: TrainConfig, images, batch_size: int = 1024, repea
     return figures
 
 
-TORCH_LATENCY = """
-import importlib.util, json, statistics, sys, time, torch
+# The yardstick's model at inference: 1-image latency, and its dynamic int8 quantization
+# (torch.ao, as TFLite's "dynamic"), to set beside tf-emnist's int8 TFLite export.
+TORCH_INFERENCE = """
+import importlib.util, json, statistics, sys, time, warnings, torch
 spec = importlib.util.spec_from_file_location("seed", sys.argv[1]); seed = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(seed)
 cfg = seed.PRESETS[sys.argv[2]]
 model = seed.SeedLSTM(cfg["hidden"], cfg["layers"], cfg["classes"]).eval()
-x = torch.rand(1, 28, 28)
-times = []
-with torch.inference_mode():
+def latency_ms(m):
+    x = torch.rand(1, 28, 28)
+    times = []
     for _ in range(110):
-        t = time.perf_counter(); model(x); times.append(time.perf_counter() - t)
-print(json.dumps({"latency_ms": 1000 * statistics.median(times[10:])}))
+        t = time.perf_counter(); m(x); times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times[10:])
+def samples_per_s(m, n=10240, batch=1024):
+    x = torch.rand(n, 28, 28)
+    m(x[:batch])
+    t = time.perf_counter()
+    for i in range(0, n, batch):
+        m(x[i: i + batch])
+    return n / (time.perf_counter() - t)
+figures = {}
+with torch.inference_mode():
+    figures["latency_ms"] = latency_ms(model)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+            int8 = torch.ao.quantization.quantize_dynamic(model, {torch.nn.LSTM, torch.nn.Linear}, dtype=torch.qint8)
+        figures["int8_infer_samples_per_s"] = samples_per_s(int8)
+        figures["int8_latency_ms"] = latency_ms(int8)
+    except (AttributeError, RuntimeError) as e:  # a torch without eager dynamic quantization
+        print(f"no int8 figures: {e}", file=sys.stderr)
+print(json.dumps(figures))
 """
 
 
 def torch_figures(baseline: str, task: str, steps: int) -> dict | None:
-    """The PyTorch yardstick's own training/inference figures (its script) and 1-image latency."""
+    """The PyTorch yardstick's own training/inference figures (its script), its 1-image latency and int8 figures."""
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -138,8 +161,9 @@ def torch_figures(baseline: str, task: str, steps: int) -> dict | None:
     run = subprocess.run([sys.executable, baseline, "--task", task, "--synthetic", str(max(n, 10240)),
                           "--max-steps", str(steps), "--epochs", "1"], capture_output=True, text=True, check=True)
     figures = json.loads(run.stdout.strip().splitlines()[-1])
-    latency = subprocess.run([sys.executable, "-c", TORCH_LATENCY, baseline, task], capture_output=True, text=True, check=True)
-    figures.update(json.loads(latency.stdout.strip().splitlines()[-1]))
+    inference = subprocess.run([sys.executable, "-c", TORCH_INFERENCE, baseline, task], capture_output=True, text=True,
+                               check=True)
+    figures.update(json.loads(inference.stdout.strip().splitlines()[-1]))
     return figures
 
 
@@ -205,10 +229,15 @@ def run_benchmark(tasks=("digit-letter", "merged"), *, steps: int = 30, rounds: 
             row["torch_train_samples_per_s"] = statistics.median(r["train_samples_per_s"] for r in torch_runs)
             row["torch_infer_samples_per_s"] = statistics.median(r["infer_samples_per_s"] for r in torch_runs)
             row["torch_latency_ms"] = statistics.median(r["latency_ms"] for r in torch_runs)
+            if all("int8_infer_samples_per_s" in r for r in torch_runs):
+                row["torch_int8_infer_samples_per_s"] = statistics.median(r["int8_infer_samples_per_s"] for r in torch_runs)
+                row["torch_int8_latency_ms"] = statistics.median(r["int8_latency_ms"] for r in torch_runs)
+                row["int8_ratio"] = row["tflite_int8_samples_per_s"] / row["torch_int8_infer_samples_per_s"]
             row["train_ratio"] = row["train_samples_per_s"] / row["torch_train_samples_per_s"]
             row["serving_ratio"] = row["serving_xla_samples_per_s"] / row["torch_infer_samples_per_s"]
             row["predict_ratio"] = row["keras_predict_samples_per_s"] / row["torch_infer_samples_per_s"]
             row["tflite_ratio"] = row["tflite_samples_per_s"] / row["torch_infer_samples_per_s"]
+            row["tflite_int8_ratio"] = row["tflite_int8_samples_per_s"] / row["torch_infer_samples_per_s"]
         row["pipeline_over_training"] = row["pipeline_samples_per_s"] / row["train_samples_per_s"]
         results["tasks"][name] = row
     if memory:

@@ -22,6 +22,10 @@ ENSEMBLE = "ensemble.json"  # in EXTRA: the config of each model an ensemble exp
 SPLIT_FROM = 256  # batches this large are classified in two halves at once
 FORMATS = ("savedmodel", "tflite")
 TFLITE_FILE = "model.tflite"
+# TFLite post-training quantization: "dynamic" stores the weights in int8 and quantizes the
+# activations batch by batch (int8 matmuls); "float16" halves the file and computes in float32.
+QUANTIZATIONS = ("none", "dynamic", "float16")
+EXPORT_INFO = "export.json"  # in EXTRA: the format and quantization of the export
 # Signature name -> whether it takes images in the NIST/tfds stored orientation.
 SIGNATURES = {"serve": False, "serve_stored": True}
 
@@ -127,14 +131,16 @@ def unroll_lstms(model):
     return twin
 
 
-def convert_to_tflite(sources: list, class_names) -> bytes:
+def convert_to_tflite(sources: list, class_names, quantize: str = "none") -> bytes:
     """A TFLite flatbuffer with signature serving_default, as the SavedModel's (upright images).
 
     `sources` are run directories' Sources; several make their ensemble. Built-in ops only,
     any batch size: each model is unrolled (see `unroll_lstms`) and its weights frozen into
     constants. The TFLite converter does not freeze Keras 3's variables itself: its model
-    then reads uninitialised variables.
+    then reads uninitialised variables. `quantize`: one of QUANTIZATIONS.
     """
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     import tempfile
 
     import tensorflow as tf
@@ -158,7 +164,12 @@ def convert_to_tflite(sources: list, class_names) -> bytes:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             tf.saved_model.save(tf.Module(), tmp, signatures={"serving_default": signature.get_concrete_function()})
-            return tf.lite.TFLiteConverter.from_saved_model(tmp).convert()
+            converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+            if quantize != "none":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            if quantize == "float16":
+                converter.target_spec.supported_types = [tf.float16]
+            return converter.convert()
     finally:
         tf_log.setLevel(level)
 
@@ -244,7 +255,8 @@ def next_version(task_dir: str) -> int:
 
 
 def export_model(sources, output_root: str = "saved_models", *, version: int | None = None,
-                 force: bool = False, jit_compile: bool = True, format: str = "savedmodel") -> str:
+                 force: bool = False, jit_compile: bool = True, format: str = "savedmodel",
+                 quantize: str = "none") -> str:
     """Export a run's model, or an ensemble, to output_root/<task>/<version>/ as a SavedModel; returns its path.
 
     `sources`: a run directory, or several run directories and tf-emnist SavedModels, whose
@@ -257,9 +269,14 @@ def export_model(sources, output_root: str = "saved_models", *, version: int | N
 
     `format="tflite"` writes output_root/<task>-tflite/<version>/model.tflite instead, with
     the same assets.extra/ (see `convert_to_tflite`); its sources must be run directories.
+    `quantize` (TFLite only): one of QUANTIZATIONS, recorded in assets.extra/export.json.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    if quantize != "none" and format != "tflite":
+        raise ValueError(f"quantization {quantize!r} is for TFLite exports; add --format tflite")
     paths = [os.fspath(sources)] if isinstance(sources, (str, os.PathLike)) else [os.fspath(s) for s in sources]
     if len(paths) == 1 and is_export(paths[0]):
         raise ValueError(f"{paths[0]} is already an export; export a run directory, or list several "
@@ -287,13 +304,15 @@ def export_model(sources, output_root: str = "saved_models", *, version: int | N
     with atomic_path(target, directory=True) as tmp:
         if format == "tflite":
             with open(os.path.join(tmp, TFLITE_FILE), "wb") as f:
-                f.write(convert_to_tflite(loaded, task.class_names))
+                f.write(convert_to_tflite(loaded, task.class_names, quantize))
         else:
             _build_archive(loaded, task, jit_compile).write_out(tmp, verbose=False)
         extra = os.path.join(tmp, EXTRA)
         os.makedirs(extra, exist_ok=True)
         configs = [config for source in loaded for config in source.configs]
         write_json(os.path.join(extra, "config.json"), configs[0].to_dict())
+        write_json(os.path.join(extra, EXPORT_INFO), {"format": format,
+                                                       **({"quantize": quantize} if format == "tflite" else {})})
         if len(configs) > 1:
             write_json(os.path.join(extra, ENSEMBLE), {"members": [c.to_dict() for c in configs],
                                                        "sources": [os.path.abspath(p) for p in paths]})
