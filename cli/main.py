@@ -263,9 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="savedmodel (default), or tflite: OUTPUT/<task>-tflite/<version>/model.tflite, "
                              "built-in ops only, any batch size; from run directories")
     export.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
-                        help="TFLite only: dynamic (int8 weights and matmuls: 4x smaller, about 2.5x faster on "
-                             "CPUs; check its accuracy with `tf-emnist evaluate --split validation`), or float16 "
-                             "(2x smaller, same speed)")
+                        help="TFLite only: dynamic (int8 weights and matmuls: 3.4x smaller, 2-2.6x faster on an "
+                             "AVX512-VNNI CPU; check its accuracy with `tf-emnist evaluate --split validation`), "
+                             "or float16 (2x smaller, float32's speed)")
     export.set_defaults(func=cmd_export)
 
     predict = sub.add_parser("predict", help="classify character images (PNG/JPEG, or .npy of uint8 [N,28,28])",
