@@ -16,7 +16,7 @@ def test_presets_shapes_and_parameter_counts(task_name, params):
     assert model.output_shape == (None, task.num_classes)
     # Hand-counted: 4 gates x (in + hidden + 1) x hidden per layer, plus the Dense layer.
     assert model.count_params() == params == expected_parameter_count(task.preset, task.num_classes)
-    lstms = [layer for layer in model.layers if layer.__class__.__name__ == "LSTM"]
+    lstms = [layer for layer in model.layers if isinstance(layer, keras.layers.LSTM)]
     assert [layer.units for layer in lstms] == [task.preset.hidden_dim] * 3
     assert [layer.return_sequences for layer in lstms] == [True, True, False]
 
@@ -32,7 +32,7 @@ def test_study_presets_match_the_study():
 def test_lstm_layers_stay_on_the_cudnn_path():
     model = build_model(get_task("merged").preset, 47)
     for layer in model.layers:
-        if layer.__class__.__name__ == "LSTM":
+        if isinstance(layer, keras.layers.LSTM):
             assert layer.cell.activation.__name__ == "tanh"
             assert layer.cell.recurrent_activation.__name__ == "sigmoid"
             assert layer.cell.recurrent_dropout == 0 and not layer.unroll and layer.use_bias
@@ -45,9 +45,10 @@ def test_bidirectional_parameter_count():
     assert model.count_params() == 2 * lstm_parameter_count(28, 16) + 2 * lstm_parameter_count(32, 16) + 32 * 5 + 5
 
 
-@pytest.mark.parametrize("jit", [False, True])
-def test_a_train_step_changes_the_weights_and_lowers_the_loss(jit):
-    config = TrainConfig(hidden_dim=16, num_layers=2, learning_rate=1e-2, jit_compile=jit)
+@pytest.mark.parametrize("jit, bf16_gradients", [(False, False), (True, False), (True, True)])
+def test_a_train_step_changes_the_weights_and_lowers_the_loss(jit, bf16_gradients):
+    config = TrainConfig(hidden_dim=16, num_layers=2, learning_rate=1e-2, jit_compile=jit,
+                         bf16_gradients=bf16_gradients)
     model = compile_model(build_model(config, 3), config, track_batch_loss=True)
     rng = np.random.default_rng(0)
     x = rng.random((64, 28, 28), dtype=np.float32)

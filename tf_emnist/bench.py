@@ -208,23 +208,31 @@ def run_benchmark(tasks=("digit-letter", "merged"), *, steps: int = 30, rounds: 
     """All figures for each preset; Keras and PyTorch alternate `rounds` times and the medians are kept."""
     import tensorflow as tf
 
+    from tf_emnist.model import use_bf16_gradients
+
     results = {"cpu": cpu_name(), "tensorflow": tf.__version__, "gpus": len(tf.config.list_logical_devices("GPU")),
                "steps": steps, "rounds": rounds, "tasks": {}}
     for name in tasks:
         task = get_task(name)
         config = task.preset.replace(jit_compile=jit_compile)
+        results["bf16_gradients"] = bf16 = use_bf16_gradients(config)
         images, labels = synthetic(max(steps, 40) * config.batch_size, task.num_classes)
-        keras_rates, torch_runs = [], []
+        keras_rates, xla_rates, torch_runs = [], [], []
         for _ in range(rounds):
             keras_rates.append(training_samples_per_s(config, images, labels, steps))
             torch_run = torch_figures(baseline, name, steps) if os.path.exists(baseline) else None
             if torch_run:
                 torch_runs.append(torch_run)
+            if bf16:  # the previous default, all in XLA and float32, for the speed-up
+                xla_rates.append(training_samples_per_s(config.replace(bf16_gradients=False), images, labels, steps))
         row = {
             "pipeline_samples_per_s": pipeline_samples_per_s(images, labels, config.batch_size),
             "train_samples_per_s": statistics.median(keras_rates),
             **inference_figures(config, images[:10240]),
         }
+        if xla_rates:
+            row["train_xla_float32_samples_per_s"] = statistics.median(xla_rates)
+            row["bf16_gradients_over_xla"] = row["train_samples_per_s"] / row["train_xla_float32_samples_per_s"]
         if torch_runs:
             row["torch_train_samples_per_s"] = statistics.median(r["train_samples_per_s"] for r in torch_runs)
             row["torch_infer_samples_per_s"] = statistics.median(r["infer_samples_per_s"] for r in torch_runs)
@@ -257,7 +265,8 @@ def format_table(results: dict) -> str:
                                                     else f"{value:,.0f}"))
         rows.append((key, *cells))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [f"CPU: {results['cpu']}, TensorFlow {results['tensorflow']}, GPUs: {results['gpus']}"]
+    lines = [f"CPU: {results['cpu']}, TensorFlow {results['tensorflow']}, GPUs: {results['gpus']}, "
+             f"LSTM training kernel: {'bf16 gradients' if results.get('bf16_gradients') else 'Keras'}"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     if "full_train_peak_rss_mb" in results:
         lines.append(f"peak RSS training on a full-size ByMerge train split ({FULL_TRAIN:,} images): "

@@ -62,6 +62,10 @@ class TrainConfig:
     log_every: int = _field(1000, "print and record the batch loss every N steps")
     deterministic: bool = _field(False, "enable TensorFlow op determinism (slower; bit-exact reruns)")
     jit_compile: bool | None = _field(None, "compile the train step with XLA (default: on a CPU, off on a GPU, where cuDNN is faster)")
+    bf16_gradients: bool | None = _field(
+        None, "train with tf-emnist's LSTM kernel: XLA recurrences, and the backward pass's large matmuls in "
+              "bfloat16 through oneDNN; the forward pass stays float32 (default: on a CPU with AVX512-BF16 or AMX "
+              "when XLA is on)")
     mixed_precision: bool = _field(False, "train in float16 (GPU) with float32 logits and loss")
     strategy: str = _field("default", "distribution: default or mirrored (all local GPUs)")
     scale_lr: bool = _field(

@@ -5,6 +5,7 @@ import functools
 import math
 
 from tf_emnist.config import TrainConfig
+from tf_emnist.lstm_kernel import bf16_gradient_lstm_class, cpu_has_bf16_matmul
 
 TIME_STEPS = FEATURES = 28
 
@@ -18,9 +19,10 @@ def build_model(config: TrainConfig, num_classes: int, *, use_cudnn="auto"):
     import keras
 
     dtype = mixed_precision_policy() if config.mixed_precision else None
+    lstm_class = bf16_gradient_lstm_class() if use_bf16_gradients(config) else keras.layers.LSTM
     layers = [keras.Input((TIME_STEPS, FEATURES), name="rows")]
     for i in range(config.num_layers):
-        lstm = keras.layers.LSTM(
+        lstm = lstm_class(
             config.hidden_dim, return_sequences=i < config.num_layers - 1, dtype=dtype, use_cudnn=use_cudnn,
             name=f"lstm_{i}",
         )
@@ -49,7 +51,16 @@ def with_grouped_output(model, class_of_source):
 
 def custom_objects() -> dict:
     """The tf-emnist classes a saved model.keras may hold, for keras.saving.load_model."""
-    return {"GroupLogSumExp": _group_layer_class()}
+    return {"GroupLogSumExp": _group_layer_class(), "Bf16GradientLSTM": bf16_gradient_lstm_class()}
+
+
+def keras_lstm_copy(model, config: TrainConfig, num_classes: int):
+    """`model` as built with keras.layers.LSTM (what to save): itself, or a copy with its weights."""
+    if not use_bf16_gradients(config):
+        return model
+    plain = build_model(config.replace(bf16_gradients=False), num_classes)
+    plain.set_weights(model.get_weights())
+    return plain
 
 
 def mixed_precision_policy() -> str:
@@ -66,6 +77,13 @@ def use_xla(config: TrainConfig) -> bool:
     if config.jit_compile is not None:
         return config.jit_compile
     return not tf.config.list_logical_devices("GPU")
+
+
+def use_bf16_gradients(config: TrainConfig) -> bool:
+    """Whether the LSTMs train with tf_emnist.lstm_kernel (default: where XLA is on and the CPU does bfloat16)."""
+    if config.bf16_gradients is not None:
+        return config.bf16_gradients
+    return use_xla(config) and not config.mixed_precision and cpu_has_bf16_matmul()
 
 
 REFERENCE_BATCH = 256  # the study's batch, which its learning rate was chosen for
@@ -111,7 +129,9 @@ def compile_model(model, config: TrainConfig, steps_per_epoch: int = 1, *, track
     else:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     metrics = ["accuracy"] + ([_batch_loss_class()(loss)] if track_batch_loss else [])
-    model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=use_xla(config))
+    # The bf16-gradient LSTMs compile their own recurrences; their bfloat16 matmuls must stay outside XLA.
+    jit_compile = use_xla(config) and not use_bf16_gradients(config)
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile)
     return model
 
 

@@ -65,7 +65,7 @@ def prepare_run_dir(run_dir: str, config: TrainConfig) -> bool:
     return False
 
 
-def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, saved_model=None, replicas: int = 1):
+def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, model_to_save, replicas: int = 1):
     import keras
 
     from tf_emnist.model import lever_callbacks
@@ -96,9 +96,8 @@ def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, saved_mo
                 write_csv(self.path, self.rows)
 
     class KeepBest(keras.callbacks.Callback):
-        """Save model.keras (atomically) when validation accuracy improves; keep time and best in train_state.json.
-
-        It saves `saved_model` when given (the trained layers with a different head), else the model.
+        """Save model_to_save() as model.keras (atomically) when validation accuracy improves; keep time and
+        best in train_state.json.
         """
 
         def __init__(self):
@@ -120,7 +119,7 @@ def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, saved_mo
             if best is None or val > best:
                 self.state.update(best_val_accuracy=val, best_epoch=epoch + 1)
                 with atomic_path(os.path.join(run_dir, MODEL)) as tmp:
-                    (saved_model or self.model).save(tmp)
+                    model_to_save().save(tmp)
             write_json(self.path, self.state)
             # Early stopping kept in train_state.json, so a resumed run counts the same epochs.
             if config.patience and epoch + 1 - self.state["best_epoch"] >= config.patience:
@@ -193,7 +192,7 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
     import tensorflow as tf
 
     from tf_emnist.data import load_split, make_dataset, split_validation
-    from tf_emnist.model import build_model, compile_model, with_grouped_output
+    from tf_emnist.model import build_model, compile_model, keras_lstm_copy, with_grouped_output
     from tf_emnist.model import steps_per_epoch as count_steps
 
     task = get_task(config.task)
@@ -224,11 +223,16 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
     with strategy.scope():
         model = compile_model(build_model(config, outputs), config, steps, track_batch_loss=True,
                               replicas=strategy.num_replicas_in_sync)
-        saved = with_grouped_output(model, task.class_of_source) if config.fine_labels else None
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
+
+    def model_to_save():
+        """The model with plain Keras layers, answering the task's classes (grouped, with --fine-labels)."""
+        plain = keras_lstm_copy(model, config, outputs)
+        return with_grouped_output(plain, task.class_of_source) if config.fine_labels else plain
+
     model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, verbose=verbose,
-              callbacks=_callbacks(run_dir, config, steps, saved, strategy.num_replicas_in_sync))
+              callbacks=_callbacks(run_dir, config, steps, model_to_save, strategy.num_replicas_in_sync))
 
     state = read_json(state_path)
     state.update(finished=True, train_examples=int(len(train_idx)), validation_examples=int(len(val_idx)))

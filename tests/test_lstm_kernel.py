@@ -1,0 +1,113 @@
+"""tf_emnist.lstm_kernel: the same LSTM as Keras's, autodiff's gradients, and bfloat16 where it should be."""
+import json
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.test_train import TINY, run_cli
+from tf_emnist import lstm_kernel
+from tf_emnist.config import TrainConfig
+from tf_emnist.lstm_kernel import bf16_gradient_lstm_class, lstm_function
+from tf_emnist.model import build_model, compile_model, use_bf16_gradients
+
+RNG = np.random.default_rng(0)
+X = tf.constant(RNG.random((5, 28, 7), dtype=np.float32))
+
+
+def outputs_and_gradients(model):
+    """The model's training-mode output and the gradients of a loss that uses every output."""
+    with tf.GradientTape() as tape:
+        tape.watch(X)
+        out = model(X, training=True)
+        loss = tf.reduce_sum(tf.sin(3 * out))
+    return out, tape.gradient(loss, [X, *model.trainable_variables])
+
+
+def keras_and_ours(layer_class, **options):
+    """The same one-layer model (same weights) with keras.layers.LSTM and with layer_class."""
+    bidirectional = options.pop("bidirectional", False)
+    models = []
+    for cls in (keras.layers.LSTM, layer_class):
+        layer = cls(6, **options)
+        layer = keras.layers.Bidirectional(layer) if bidirectional else layer
+        models.append(keras.Sequential([keras.Input((28, 7)), layer, keras.layers.Dense(3)]))
+    models[1].set_weights(models[0].get_weights())
+    return models
+
+
+def largest_relative_error(expected, got):
+    return max(float(tf.reduce_max(tf.abs(a - b)) / tf.reduce_max(tf.abs(a))) for a, b in zip(expected, got))
+
+
+def test_the_kernel_in_float32_gives_autodiffs_gradients():
+    """lstm_function('float32') against the Keras LSTM it replaces, with a non-zero initial state."""
+    keras_lstm = keras.layers.LSTM(6, return_sequences=True, return_state=True)
+    h0, c0 = (tf.constant(RNG.normal(size=(5, 6)), tf.float32) for _ in range(2))
+    keras_lstm(X, initial_state=[h0, c0])
+    weights = [w.value for w in keras_lstm.weights]  # kernel, recurrent kernel, bias
+    inputs = [X, h0, c0, *weights]
+
+    def loss(hs, c_last):  # hs: batch-major for Keras, time-major for the kernel
+        return tf.reduce_sum(tf.sin(3 * hs)) + tf.reduce_sum(tf.cos(c_last))
+
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(inputs)
+        hs, _, c_last = keras_lstm(X, initial_state=[h0, c0])
+        expected = loss(hs, c_last)
+        ours_hs, ours_c = lstm_function("float32")(tf.transpose(X, (1, 0, 2)), h0, c0, *weights)
+        ours = loss(tf.transpose(ours_hs, (1, 0, 2)), ours_c)
+    np.testing.assert_allclose(ours, expected, rtol=1e-5)
+    assert largest_relative_error(tape.gradient(expected, inputs), tape.gradient(ours, inputs)) < 1e-5
+
+
+@pytest.mark.parametrize("options", [
+    {"return_sequences": True}, {"return_sequences": False}, {"return_sequences": True, "go_backwards": True},
+    {"return_sequences": False, "bidirectional": True},
+])
+def test_the_layer_is_kerass_lstm_with_bfloat16_gradients(options):
+    keras_model, ours = keras_and_ours(bf16_gradient_lstm_class(), **options)
+    expected_out, expected_grads = outputs_and_gradients(keras_model)
+    out, grads = outputs_and_gradients(ours)
+    np.testing.assert_allclose(out, expected_out, atol=1e-6)  # the forward pass is float32
+    # The backward pass's large matmuls are rounded to bfloat16 (8-bit mantissa): close, not equal.
+    assert 1e-5 < largest_relative_error(expected_grads, grads) < 3e-2
+
+
+def test_the_layer_falls_back_to_keras_where_the_kernel_does_not_apply():
+    keras_model, ours = keras_and_ours(bf16_gradient_lstm_class(), return_sequences=True, activation="relu")
+    for expected, got in zip(outputs_and_gradients(keras_model)[1], outputs_and_gradients(ours)[1]):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_the_default_is_on_only_where_it_pays(monkeypatch):
+    monkeypatch.setattr(lstm_kernel, "cpu_has_bf16_matmul", lambda: True)
+    monkeypatch.setattr("tf_emnist.model.cpu_has_bf16_matmul", lambda: True)
+    assert use_bf16_gradients(TrainConfig())
+    assert not use_bf16_gradients(TrainConfig(jit_compile=False))
+    assert not use_bf16_gradients(TrainConfig(mixed_precision=True))
+    assert not use_bf16_gradients(TrainConfig(bf16_gradients=False))
+    monkeypatch.setattr("tf_emnist.model.cpu_has_bf16_matmul", lambda: False)
+    assert not use_bf16_gradients(TrainConfig())
+    assert use_bf16_gradients(TrainConfig(bf16_gradients=True))
+
+
+def test_the_model_compiles_outside_xla_and_builds_the_layer():
+    config = TrainConfig(hidden_dim=8, num_layers=2, bf16_gradients=True, jit_compile=True)
+    model = compile_model(build_model(config, 3), config)
+    assert not model.jit_compile
+    assert all(isinstance(layer, bf16_gradient_lstm_class()) for layer in model.layers[:2])
+
+
+def test_a_run_with_bf16_gradients_saves_a_plain_keras_model(nist_dir, tmp_path):
+    run = tmp_path / "run"
+    tiny = [a for a in TINY if a != "--no-jit-compile"]
+    assert run_cli("train", "--data-dir", nist_dir, "--output", run, "--epochs", 1, "--bidirectional",
+                   "--bf16-gradients", "--no-evaluate", *tiny) == 0
+    with zipfile.ZipFile(run / "model.keras") as archive:
+        saved = json.loads(archive.read("config.json"))
+    assert "Bf16GradientLSTM" not in json.dumps(saved)
+    assert '"class_name": "LSTM"' in json.dumps(saved)
+    assert json.loads((run / "config.json").read_text())["bf16_gradients"] is True

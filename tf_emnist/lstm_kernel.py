@@ -1,0 +1,133 @@
+"""A faster LSTM training pass for CPUs with bfloat16 matmul units (AVX512-BF16 or AMX).
+
+Under XLA, every matmul of the LSTM runs in float32: XLA's CPU back end has no faster
+bfloat16 dot. TensorFlow's own MatMul runs bfloat16 through oneDNN at 1.5-1.8x its float32
+rate on such a CPU (`python benchmarks/cpu_ceiling.py`). This kernel splits the training
+pass between the two:
+
+- the two recurrences (the forward pass over the 28 steps and its backward pass) are
+  compiled by XLA, in float32;
+- the input projection of all 28 steps is one float32 matmul outside XLA;
+- the three large matmuls of the backward pass run outside XLA, in bfloat16 with float32
+  accumulation: the input kernel's and the recurrent kernel's gradients, and the gradient
+  sent to the layer below. Each covers all 28 steps at once (as cuDNN and oneDNN do), so
+  it is one matmul with 28 x batch rows, not 28 small ones.
+
+The forward pass stays in float32, so the model trained is the model evaluated and
+exported; only the gradients are rounded to bfloat16's 8-bit mantissa. The layer is a
+keras.layers.LSTM with the same weights, and training saves a plain Keras copy
+(`tf_emnist.model.keras_lstm_copy`).
+"""
+from __future__ import annotations
+
+import functools
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU computes bfloat16 dot products natively (Linux /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.cache
+def lstm_function(matmul_dtype: str = "bfloat16"):
+    """The custom-gradient LSTM (x, h0, c0, kernel, recurrent_kernel, bias) -> (h of every step, last c).
+
+    `matmul_dtype` is the backward pass's large matmuls' ("float32" gives autodiff's gradients).
+    """
+    import tensorflow as tf
+
+    def gates(z):
+        i, f, g, o = tf.split(z, 4, axis=-1)  # Keras's order: input, forget, cell, output
+        return tf.sigmoid(i), tf.sigmoid(f), tf.tanh(g), tf.sigmoid(o)
+
+    @tf.function(jit_compile=True)
+    def forward(projected, h, c, recurrent_kernel):
+        """projected [T, B, 4H] = x_t W + b for every step -> h and c of every step, and the gates."""
+        steps = projected.shape[0]
+        hs, cs, gs = (tf.TensorArray(tf.float32, steps) for _ in range(3))
+        for t in tf.range(steps):
+            i, f, g, o = gates(projected[t] + tf.matmul(h, recurrent_kernel))
+            c = f * c + i * g
+            h = o * tf.tanh(c)
+            hs, cs, gs = hs.write(t, h), cs.write(t, c), gs.write(t, tf.concat([i, f, g, o], -1))
+        return hs.stack(), cs.stack(), gs.stack()
+
+    @tf.function(jit_compile=True)
+    def backward(d_hs, d_c_last, cs, gs, c0, recurrent_kernel):
+        """Gradients of the gate pre-activations z of every step [T, B, 4H], and of h0 and c0."""
+        steps = cs.shape[0]
+        c_prev = tf.concat([c0[None], cs[:-1]], 0)
+        d_zs = tf.TensorArray(tf.float32, steps)
+        d_h, d_c = tf.zeros_like(c0), d_c_last
+        for k in tf.range(steps):
+            t = steps - 1 - k
+            i, f, g, o = tf.split(gs[t], 4, axis=-1)
+            tanh_c = tf.tanh(cs[t])
+            d_h += d_hs[t]
+            d_c += d_h * o * (1 - tanh_c * tanh_c)
+            d_z = tf.concat([d_c * g * i * (1 - i), d_c * c_prev[t] * f * (1 - f),
+                             d_c * i * (1 - g * g), d_h * tanh_c * o * (1 - o)], -1)
+            d_zs = d_zs.write(t, d_z)
+            d_h = tf.matmul(d_z, recurrent_kernel, transpose_b=True)
+            d_c *= f
+        return d_zs.stack(), d_h, d_c
+
+    def matmul(a, b, **transpose):
+        return tf.cast(tf.matmul(tf.cast(a, matmul_dtype), tf.cast(b, matmul_dtype), **transpose), tf.float32)
+
+    @tf.custom_gradient
+    def lstm(x, h0, c0, kernel, recurrent_kernel, bias):
+        """x [T, B, D] (time-major) -> (h of every step [T, B, H], c of the last step)."""
+        steps, batch, width = x.shape[0], tf.shape(x)[1], x.shape[2]
+        rows = tf.reshape(x, (-1, width))
+        projected = tf.reshape(tf.matmul(rows, kernel) + bias, (steps, batch, -1))
+        # The custom gradient below replaces autodiff: keep the tape out of the XLA call.
+        hs, cs, gs = forward(*map(tf.stop_gradient, (projected, h0, c0, recurrent_kernel)))
+
+        def grad(d_hs, d_c_last):
+            d_c_last = tf.zeros_like(c0) if d_c_last is None else d_c_last
+            d_zs, d_h0, d_c0 = backward(d_hs, d_c_last, cs, gs, c0, recurrent_kernel)
+            d_z = tf.reshape(d_zs, (-1, d_zs.shape[-1]))
+            h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], 0), (-1, hs.shape[-1]))
+            d_x = tf.reshape(matmul(d_z, kernel, transpose_b=True), tf.shape(x))
+            return (d_x, d_h0, d_c0, matmul(rows, d_z, transpose_a=True),
+                    matmul(h_prev, d_z, transpose_a=True), tf.reduce_sum(d_z, 0))
+
+        return (hs, cs[-1]), grad
+
+    return lstm
+
+
+@functools.cache
+def bf16_gradient_lstm_class():
+    """keras.layers.LSTM, with the kernel above wherever it applies (float32, no mask, default activations)."""
+    import keras
+    import tensorflow as tf
+
+    # Registered because Bidirectional makes its backward layer from this one's config.
+    @keras.saving.register_keras_serializable(package="tf_emnist")
+    class Bf16GradientLSTM(keras.layers.LSTM):
+        """A keras.layers.LSTM whose backward pass runs its large matmuls in bfloat16 (see the module)."""
+
+        matmul_dtype = "bfloat16"  # "float32" gives autodiff's gradients (to measure what bfloat16 buys)
+
+        def inner_loop(self, sequences, initial_state, mask, training=False):
+            cell = self.cell
+            plain = (cell.activation is keras.activations.tanh and cell.recurrent_activation is keras.activations.sigmoid
+                     and cell.use_bias and not (cell.dropout or cell.recurrent_dropout) and self.compute_dtype == "float32")
+            if mask is not None or not plain:
+                return super().inner_loop(sequences, initial_state, mask, training)
+            x = tf.transpose(sequences, (1, 0, 2))
+            if self.go_backwards:
+                x = tf.reverse(x, [0])
+            hs, c_last = lstm_function(self.matmul_dtype)(x, *initial_state, cell.kernel.value, cell.recurrent_kernel.value, cell.bias.value)
+            # Keras's layout: batch-major, in the order the steps were processed.
+            return hs[-1], tf.transpose(hs, (1, 0, 2)), [hs[-1], c_last]
+
+    return Bf16GradientLSTM
+
