@@ -28,7 +28,9 @@ for task in ("merged", "digit-letter"):
         epochs = 8 if task == "digit-letter" else 7
         print(f"| {task} | the study's model, PyTorch (`seed_torch_lstm.py`), here | {torch['train_samples'] // epochs:,} "
               f"| {torch['test_accuracy']:.2%} | {errors:,} | {torch['train_s'] / 60:.1f} min |")
-    for run, label in ((f"study-{task}", "tf-emnist, study preset"), (f"tuned-{task}", "tf-emnist, tuned (`tune` best, 7 epochs)"),
+    for run, label in ((f"study-{task}", "tf-emnist, study preset (Keras LSTM, all XLA, float32)"),
+                       (f"study-{task}-bf16", "tf-emnist, study preset, `--bf16-gradients`"),
+                       (f"tuned-{task}", "tf-emnist, tuned (`tune` best, 7 epochs)"),
                        (f"best-{task}", "tf-emnist, `--preset best`")):
         metrics = load(os.path.join(run, "metrics.json"))
         if metrics:
