@@ -21,7 +21,9 @@ def test_inference_figures_cover_every_serving_path():
     from tf_emnist.config import TrainConfig
 
     images, _ = synthetic(64, 47)
-    figures = inference_figures(TrainConfig(hidden_dim=8, num_layers=1), images, batch_size=32, repeats=1)
+    # bf16_gradients: the live model holds tf-emnist's LSTM layers, which must export as Keras's
+    config = TrainConfig(hidden_dim=8, num_layers=1, bf16_gradients=True)
+    figures = inference_figures(config, images, batch_size=32, repeats=1)
     for name in ("serving_xla", "serving_plain", "tflite", "tflite_int8"):
         assert figures[f"{name}_samples_per_s"] > 0 and figures[f"{name}_latency_ms"] > 0
     assert figures["keras_predict_samples_per_s"] > 0

@@ -105,7 +105,7 @@ def lstm_function(matmul_dtype: str = "bfloat16"):
 
 @functools.cache
 def bf16_gradient_lstm_class():
-    """keras.layers.LSTM, with the kernel above wherever it applies (float32, no mask, default activations)."""
+    """keras.layers.LSTM, with the kernel above for training wherever it applies (float32, no mask, default activations)."""
     import keras
     import tensorflow as tf
 
@@ -120,7 +120,8 @@ def bf16_gradient_lstm_class():
             cell = self.cell
             plain = (cell.activation is keras.activations.tanh and cell.recurrent_activation is keras.activations.sigmoid
                      and cell.use_bias and not (cell.dropout or cell.recurrent_dropout) and self.compute_dtype == "float32")
-            if mask is not None or not plain:
+            # Inference runs Keras's own loop: exports and validation see exactly a keras.layers.LSTM.
+            if not training or mask is not None or not plain:
                 return super().inner_loop(sequences, initial_state, mask, training)
             x = tf.transpose(sequences, (1, 0, 2))
             if self.go_backwards:
