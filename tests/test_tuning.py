@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import keras
 import keras_tuner as kt
 import pytest
 
@@ -31,7 +32,7 @@ def run_cli(*args):
 def test_hypermodel_builds_with_default_hyperparameters():
     hp = kt.HyperParameters()
     model = make_hypermodel(TrainConfig(), resolve_space({}), 47, 1000).build(hp)
-    lstm_units = [layer.units for layer in model.layers if layer.__class__.__name__ == "LSTM"]
+    lstm_units = [layer.units for layer in model.layers if isinstance(layer, keras.layers.LSTM)]
     assert lstm_units == [hp.values["hidden_dim"]] * hp.values["num_layers"]
     assert model.output_shape == (None, 47)
     assert set(hp.values) == {"hidden_dim", "num_layers", "dropout", "learning_rate", "batch_size", "bidirectional"}
@@ -43,7 +44,7 @@ def test_fixed_hyperparameter_pins_the_value():
     hp = kt.HyperParameters()
     model = make_hypermodel(TrainConfig(), space, 2, 1000).build(hp)
     assert hp.values["hidden_dim"] == 48 and hp.values["num_layers"] == 2
-    assert [layer.units for layer in model.layers if layer.__class__.__name__ == "LSTM"] == [48, 48]
+    assert [layer.units for layer in model.layers if isinstance(layer, keras.layers.LSTM)] == [48, 48]
 
 
 def test_space_overrides_narrow_and_are_checked():
