@@ -93,6 +93,14 @@ def test_dataset_batches_shuffles_each_epoch_and_keeps_pairs():
     assert ordered.tolist() == labels.tolist()  # evaluation keeps the order
 
 
+def test_pipelines_run_without_the_tf_data_autotuner():
+    # Under Keras fit, the autotuner's timer made epochs wait for its next round (benchmarks/autotune.py).
+    labels = np.arange(16, dtype=np.int32) % 28
+    images = make_images(labels, np.random.default_rng(0))
+    for training in (True, False):
+        assert make_dataset(images, labels, 8, training=training).options().autotune.enabled is False
+
+
 def test_augmentation_changes_pixels_keeps_shapes_and_is_off_for_evaluation():
     labels = np.arange(32, dtype=np.int32) % 28
     images = make_images(labels, np.random.default_rng(0))

@@ -203,7 +203,13 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, tra
             x = random_affine(x, augment, seed=seed)
         return x, tf.gather(labels_t, index)
 
-    ds = ds.map(load_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # With the autotuner off, AUTOTUNE means one call per CPU core (at most 16) and the
+    # prefetch buffer still grows on demand. The autotuner re-plans on a timer (10 ms,
+    # doubling), and under Keras fit an epoch that ends between two of its rounds waited
+    # for the next: epochs took up to 1.7x as long (`python benchmarks/autotune.py`).
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    ds = ds.map(load_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).with_options(options)
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) == 1:  # one GPU: copy batches ahead of the step (several: the strategy does it)
         return ds.apply(tf.data.experimental.prefetch_to_device(gpus[0].name))
