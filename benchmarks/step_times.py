@@ -1,4 +1,4 @@
-"""Training step times, one by one: shows the two speeds that training steps run at on this machine.
+"""Training step times, one by one: shows how many steps of one long fit run slow.
 
 Run: python benchmarks/step_times.py digit-letter 200   (or merged; the number of steps)
      python benchmarks/step_times.py digit-letter 200 --no-bf16-gradients   (Keras's LSTM, all in XLA)
@@ -7,7 +7,8 @@ tf-emnist's model and compile (the default training step on this CPU: the bf16-g
 LSTM kernel where the CPU has bfloat16 units, else all in XLA), fed upright numpy arrays;
 a callback times each step.
 Prints every step's milliseconds, then the median, the mean, and the steps slower than
-1.5x the median.
+1.5x the median. (The whole-fit waits of tf.data's autotuner fall at the end of a fit or
+an epoch, not inside one: see benchmarks/autotune.py.)
 """
 import os
 import statistics
