@@ -39,7 +39,10 @@ def test_cli_train_then_evaluate_end_to_end(nist_dir, tmp_path, capsys):
     assert 0.0 <= metrics["digit_letter_accuracy"] <= 1.0 and metrics["best_epoch"] in (1, 2)
     config = json.loads((run / "config.json").read_text())
     assert config["hidden_dim"] == 8 and config["data_dir"] == os.path.abspath(nist_dir)
-    assert len(read_history(str(run))) == 2
+    history = read_history(str(run))
+    assert len(history) == 2
+    # The per-step batch loss lives in steps.csv, not among the epoch columns.
+    assert list(history[0]) == ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"]
     assert "test accuracy" in capsys.readouterr().out
 
     (run / "metrics.json").unlink()
@@ -375,3 +378,18 @@ def test_resume_replays_only_the_epochs_in_the_backup(tmp_path):
     # The epoch-2 row was written, but the run stopped before its backup: it is redone.
     (tmp_path / "backup" / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
     assert _past_val_accuracy(str(tmp_path)) == [0.5, 0.6]
+
+
+@pytest.mark.parametrize("history, kept", [
+    (None, False),  # a new run
+    ("epoch,accuracy,loss\n0,0.5,0.6\n", False),
+    ("epoch,accuracy,batch_loss,loss\n0,0.5,0.4,0.6\n", True),  # resumed from an older tf-emnist: same columns
+])
+def test_epoch_logs_drop_batch_loss_unless_a_resumed_history_has_it(tmp_path, history, kept):
+    if history:
+        (tmp_path / "history.csv").write_text(history)
+    step_logger = train_module._callbacks(str(tmp_path), TrainConfig(task="merged"), 7, lambda: None)[0]
+    logs = {"accuracy": 0.5, "batch_loss": 0.7, "loss": 0.6, "val_batch_loss": 0.7, "val_loss": 0.6}
+    step_logger.on_epoch_end(0, logs)
+    assert ("batch_loss" in logs, "val_batch_loss" in logs) == (kept, kept)
+    assert logs["loss"] == 0.6 and logs["val_loss"] == 0.6

@@ -57,9 +57,9 @@ def training_samples_per_s(config: TrainConfig, images, labels, steps: int, warm
     task = get_task(config.task)
     model = compile_model(build_model(config, task.num_classes), config, track_batch_loss=True)
     ds = make_dataset(images, labels, config.batch_size, training=True).repeat()
-    model.fit(ds, steps_per_epoch=warmup, epochs=1, verbose=0)
+    model.fit(ds, steps_per_epoch=warmup, epochs=1, verbose=0, shuffle=False)
     start = time.perf_counter()
-    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
+    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
     return steps * config.batch_size / (time.perf_counter() - start)
 
 

@@ -95,6 +95,14 @@ def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, model_to
                 print(f"\nstep {step}: batch loss {loss:.4f}, best batch loss {self.best:.4f}", flush=True)
                 write_csv(self.path, self.rows)
 
+        def on_epoch_end(self, epoch, logs=None):
+            # batch_loss is a per-step figure (steps.csv): at an epoch's end it is only the last batch's, and
+            # Keras reports a val_batch_loss that merely repeats it. Keep both out of the epoch logs (progress
+            # bar, history.csv, TensorBoard), unless a run resumed from an older tf-emnist has the columns.
+            if not keeps_batch_loss_columns:
+                logs.pop("batch_loss", None)
+                logs.pop("val_batch_loss", None)
+
     class KeepBest(keras.callbacks.Callback):
         """Save model_to_save() as model.keras (atomically) when validation accuracy improves; keep time and
         best in train_state.json.
@@ -127,6 +135,7 @@ def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, model_to
                       flush=True)
                 self.model.stop_training = True
 
+    keeps_batch_loss_columns = "batch_loss" in next(iter(_read_csv(os.path.join(run_dir, HISTORY))), {})
     keep_best = KeepBest()
     step_logger = StepLossLogger()
     return [
@@ -231,7 +240,7 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
         plain = keras_lstm_copy(model, config, outputs)
         return with_grouped_output(plain, task.class_of_source) if config.fine_labels else plain
 
-    model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, verbose=verbose,
+    model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, verbose=verbose, shuffle=False,
               callbacks=_callbacks(run_dir, config, steps, model_to_save, strategy.num_replicas_in_sync))
 
     state = read_json(state_path)

@@ -50,7 +50,7 @@ def make_hypermodel(base: TrainConfig, space: dict, num_classes: int, num_train:
                                   upright=config.upright)
             stop = [keras.callbacks.EarlyStopping(monitor=OBJECTIVE, mode="max", patience=patience)] if patience else []
             start = time.perf_counter()
-            history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose,
+            history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose, shuffle=False,
                                 callbacks=[*lever_callbacks(config), *callbacks, *stop, FailOnNaN()],
                                 **kwargs).history
             scores = history[OBJECTIVE]
