@@ -147,7 +147,7 @@ def test_bad_input_gets_one_line_and_nonzero_exit(args, message, capsys, tmp_pat
     assert run_cli(*args, *output) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
-    assert not (tmp_path / "r" / "model.keras").exists()
+    assert not (tmp_path / "r").exists()  # bad input leaves no run directory behind
 
 
 def test_config_file_then_flags_override(nist_dir, tmp_path):

@@ -42,8 +42,8 @@ def _same_config(run_dir: str, config: TrainConfig) -> bool:
         return False
 
 
-def prepare_run_dir(run_dir: str, config: TrainConfig) -> bool:
-    """Create run_dir for config, or check that it holds the same unfinished run.
+def check_run_dir(run_dir: str, config: TrainConfig) -> bool:
+    """Check that run_dir is new, empty, or holds the same unfinished run; writes nothing.
 
     Returns True when resuming. Never deletes or overwrites anything of another run.
     """
@@ -60,8 +60,6 @@ def prepare_run_dir(run_dir: str, config: TrainConfig) -> bool:
         return True
     if os.path.isdir(run_dir) and os.listdir(run_dir):
         raise RunDirError(f"{run_dir} is not empty and holds no tf-emnist run; pass a new or empty --output")
-    os.makedirs(run_dir, exist_ok=True)
-    write_json(config_path, config.to_dict())
     return False
 
 
@@ -205,19 +203,23 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
     from tf_emnist.model import steps_per_epoch as count_steps
 
     task = get_task(config.task)
-    resuming = prepare_run_dir(run_dir, config)
+    resuming = check_run_dir(run_dir, config)
     state_path = os.path.join(run_dir, STATE)
     if os.path.exists(state_path) and read_json(state_path).get("finished"):
         return read_json(state_path)
+    if config.fine_labels and task.class_of_source is None:
+        raise ValueError(f"--fine-labels needs a task that groups a split's classes (digit-letter); "
+                         f"{task.name} learns the split's classes already")
+    # The data is checked before the run directory is made: bad data leaves no run behind.
+    images, labels = load_split(task, "train", config, source_labels=config.fine_labels)
+    if not resuming:
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(os.path.join(run_dir, CONFIG), config.to_dict())
     log.info("%s the run in %s", "resuming" if resuming else "starting", run_dir)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
 
-    if config.fine_labels and task.class_of_source is None:
-        raise ValueError(f"--fine-labels needs a task that groups a split's classes (digit-letter); "
-                         f"{task.name} learns the split's classes already")
-    images, labels = load_split(task, "train", config, source_labels=config.fine_labels)
     train_idx, val_idx = split_validation(len(labels), config.validation_split, config.split_seed)
     strategy = distribution_strategy(config.strategy)
     global_batch = config.batch_size * strategy.num_replicas_in_sync
