@@ -5,6 +5,7 @@ For each preset: float32 with cuDNN, mixed precision (float16) with cuDNN, float
 without cuDNN (use_cudnn=False), and mixed precision at batch 1024 with the scaled rate,
 each on a slice, scaled to an epoch. Prints a table and JSON.
 Usage: python scripts/gpu_check.py [--fraction 0.25]
+       python scripts/gpu_check.py --smoke   (2,048 images, 16 units: checks on any machine that it runs)
 """
 import argparse
 import json
@@ -16,17 +17,19 @@ from tf_emnist.bench import FULL_TRAIN, synthetic
 from tf_emnist.data import make_dataset
 from tf_emnist.model import build_model, compile_model, steps_per_epoch
 from tf_emnist.tasks import get_task
+from tf_emnist.training import distribution_strategy
 
 
 def epoch_seconds(config, images, labels, *, use_cudnn="auto", max_steps=None):
     task = get_task(config.task)
-    model = compile_model(build_model(config, task.num_classes, use_cudnn=use_cudnn), config)
+    with distribution_strategy("default").scope():  # as training runs: batches copied to the GPU ahead of the step
+        model = compile_model(build_model(config, task.num_classes, use_cudnn=use_cudnn), config)
     ds = make_dataset(images, labels, config.batch_size, training=True)
-    model.fit(ds.take(10), verbose=0)  # build, trace, warm up
+    model.fit(ds.take(10), verbose=0, shuffle=False)  # build, trace, warm up
     steps = steps_per_epoch(len(labels), config.batch_size)
     timed = min(steps, max_steps or steps)
     start = time.perf_counter()
-    model.fit(ds.take(timed), verbose=0)
+    model.fit(ds.take(timed), verbose=0, shuffle=False)
     return (time.perf_counter() - start) * steps / timed
 
 
@@ -35,15 +38,17 @@ def main():
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fraction", type=float, default=0.25, help="share of an epoch timed (then scaled)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run (2,048 images, 16 units) that checks the script runs")
     args = parser.parse_args()
+    examples = 2048 if args.smoke else FULL_TRAIN
     gpus = tf.config.list_logical_devices("GPU")
     print(f"GPUs: {[g.name for g in gpus]}, TensorFlow {tf.__version__}")
     rows = {}
     for name in ("digit-letter", "merged"):
         task = get_task(name)
-        images, labels = synthetic(FULL_TRAIN, task.num_classes)
-        steps = int(steps_per_epoch(FULL_TRAIN, 256) * args.fraction)
-        base = task.preset.replace(jit_compile=False)
+        images, labels = synthetic(examples, task.num_classes)
+        steps = max(1, int(steps_per_epoch(examples, 256) * args.fraction))
+        base = task.preset.replace(jit_compile=False, **({"hidden_dim": 16} if args.smoke else {}))
         row = {
             "float32_cudnn_s": epoch_seconds(base, images, labels, max_steps=steps),
             "mixed_float16_cudnn_s": epoch_seconds(base.replace(mixed_precision=True), images, labels, max_steps=steps),
@@ -53,7 +58,7 @@ def main():
                 base.replace(mixed_precision=True, batch_size=1024, scale_lr=True), images, labels,
                 max_steps=max(10, steps // 4)),
         }
-        row["samples_per_s_float32"] = FULL_TRAIN / row["float32_cudnn_s"]
+        row["samples_per_s_float32"] = examples / row["float32_cudnn_s"]
         row["study_epochs_min_float32"] = row["float32_cudnn_s"] * task.preset.epochs / 60
         rows[name] = row
         print(name, {k: round(v, 1) for k, v in row.items()}, flush=True)

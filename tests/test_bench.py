@@ -27,3 +27,20 @@ def test_inference_figures_cover_every_serving_path():
     for name in ("serving_xla", "serving_plain", "tflite", "tflite_int8"):
         assert figures[f"{name}_samples_per_s"] > 0 and figures[f"{name}_latency_ms"] > 0
     assert figures["keras_predict_samples_per_s"] > 0
+
+
+def test_gpu_check_script_runs_its_smoke_mode_on_a_cpu():
+    """scripts/gpu_check.py waits for a GPU: its tiny mode catches a broken script before one is lent."""
+    import json
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join("scripts", "gpu_check.py"), "--smoke"], cwd=root,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(rows) == {"digit-letter", "merged"}
+    for row in rows.values():
+        assert all(row[f"{name}_s"] > 0 for name in ("float32_cudnn", "mixed_float16_cudnn", "float32_no_cudnn",
+                                                     "mixed_float16_batch1024"))

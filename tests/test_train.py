@@ -183,6 +183,31 @@ def test_mirrored_strategy_over_two_logical_cpus(nist_dir, tmp_path):
     assert metrics["test_examples"] == 120 and np.isfinite(metrics["test_loss"])
 
 
+def test_one_gpu_trains_under_a_one_device_strategy_that_copies_batches_to_it(nist_dir, tmp_path, monkeypatch):
+    import warnings
+
+    import tensorflow as tf
+
+    from tf_emnist.data import make_dataset
+
+    stand_in = tf.config.list_logical_devices("CPU")[1]  # conftest: 2 logical CPUs; the second plays the GPU
+    strategy = train_module.distribution_strategy("default", gpus=[stand_in])
+    assert isinstance(strategy, tf.distribute.OneDeviceStrategy)
+    images, labels = np.zeros((64, 28, 28), np.uint8), np.zeros(64, np.int32)
+    x, _ = next(iter(strategy.experimental_distribute_dataset(make_dataset(images, labels, 16, training=True))))
+    assert x.device.endswith("CPU:1")
+    assert train_module.distribution_strategy("default", gpus=[]) is tf.distribute.get_strategy()
+
+    original = train_module.distribution_strategy
+    monkeypatch.setattr(train_module, "distribution_strategy", lambda name: original(name, gpus=[stand_in]))
+    config = TrainConfig(data_dir=nist_dir, epochs=2, hidden_dim=8, num_layers=1, batch_size=32, jit_compile=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_module.train(config, str(tmp_path / "run"), verbose=0)
+    # tf.data's prefetch_to_device hid the dataset's length: Keras warned it "ran out of data".
+    assert not [w for w in caught if "ran out of data" in str(w.message)]
+    assert len(read_history(str(tmp_path / "run"))) == 2
+
 def test_multi_worker_check_gives_a_verdict_in_bounded_time():
     """scripts/multi_worker_check.py runs two workers on 127.0.0.1 (the README reports its verdict)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -183,8 +183,9 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, tra
     (default: all; seeded, reshuffled every epoch) and gathers each batch from the numpy
     array, so neither the shuffle buffer nor the graph holds a copy of the images (a
     captured tensor is copied per iterator: +0.5 GiB each). Scaling, the transpose and
-    (training only) augmentation run per batch after the gather; batches are prefetched,
-    to the GPU when there is one.
+    (training only) augmentation run per batch after the gather; batches are prefetched.
+    Training's tf.distribute strategy copies them to the GPUs ahead of each step
+    (`tf_emnist.training.distribution_strategy`).
     """
     import tensorflow as tf
 
@@ -210,7 +211,4 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, tra
     options = tf.data.Options()
     options.autotune.enabled = False
     ds = ds.map(load_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).with_options(options)
-    gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) == 1:  # one GPU: copy batches ahead of the step (several: the strategy does it)
-        return ds.apply(tf.data.experimental.prefetch_to_device(gpus[0].name))
     return ds.prefetch(tf.data.AUTOTUNE)

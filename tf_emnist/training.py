@@ -182,13 +182,23 @@ def load_run(run_dir: str):
     return keras.saving.load_model(model_path, compile=False, custom_objects=custom_objects()), config, get_task(config.task)
 
 
-def distribution_strategy(name: str):
-    """tf.distribute strategy: the default one, or MirroredStrategy over the local GPUs (else CPUs)."""
+def distribution_strategy(name: str, gpus=None):
+    """The tf.distribute strategy to train under.
+
+    "default": OneDeviceStrategy on the GPU when there is exactly one, else TensorFlow's
+    default strategy. "mirrored": MirroredStrategy over the local GPUs (else the CPUs).
+    `gpus` (logical devices; default: the GPUs TensorFlow sees) lets a test stand a CPU in.
+
+    A GPU strategy's distributed dataset copies batches to its devices ahead of the step.
+    For one GPU this replaces tf.data's prefetch_to_device, which hides the dataset's
+    length from Keras: its first epoch ran as "Unknown" steps and ended with the warning
+    "Your input ran out of data; interrupting training".
+    """
     import tensorflow as tf
 
+    gpus = tf.config.list_logical_devices("GPU") if gpus is None else gpus
     if name == "default":
-        return tf.distribute.get_strategy()
-    gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy(gpus[0].name) if len(gpus) == 1 else tf.distribute.get_strategy()
     devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
     return tf.distribute.MirroredStrategy(devices=devices)
 
