@@ -129,6 +129,27 @@ def test_a_failing_trial_does_not_stop_the_search(nist_dir, tmp_path, monkeypatc
     assert best["dropout"] == 0.1
 
 
+def test_one_gpu_runs_trials_under_its_one_device_strategy(nist_dir, tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    from tf_emnist.training import distribution_strategy
+
+    stand_in = tf.config.list_logical_devices("CPU")[1]  # conftest: 2 logical CPUs; the second plays the GPU
+    monkeypatch.setattr(search_module, "distribution_strategy", lambda name: distribution_strategy(name, gpus=[stand_in]))
+    made = []
+    make_tuner = search_module.make_tuner
+    monkeypatch.setattr(search_module, "make_tuner", lambda *a, **k: made.append(make_tuner(*a, **k)) or made[-1])
+    space = resolve_space({**TINY_SPACE, "learning_rate": {"type": "fixed", "value": 1e-3}})
+    best = run_search(TrainConfig(data_dir=nist_dir, jit_compile=False), space, max_trials=1, max_epochs=1,
+                      output=str(tmp_path / "s"), verbose=0)
+    assert isinstance(made[0].distribution_strategy, tf.distribute.OneDeviceStrategy)
+    assert made[0].distribution_strategy.extended.worker_devices[0].endswith("CPU:1")
+    assert best["hidden_dim"] in range(4, 9)
+    # Without a GPU, keras-tuner gets no strategy: TensorFlow's default one.
+    monkeypatch.setattr(search_module, "distribution_strategy", distribution_strategy)
+    assert make_tuner("random", made[0].hypermodel, output=str(tmp_path / "t"), project="p", max_trials=1,
+                      max_epochs=1, seed=0, overwrite=True).distribution_strategy is None
+
 @pytest.mark.parametrize("args, message", [
     (["--tuner", "grid"], "unknown tuner 'grid'"),
     (["--space", "hidden_dim=300:100"], "is empty (min > max)"),

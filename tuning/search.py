@@ -12,6 +12,7 @@ import numpy as np
 from tf_emnist.config import HYPERPARAMETERS, TrainConfig
 from tf_emnist.files import save_figure, write_csv, write_json
 from tf_emnist.tasks import get_task
+from tf_emnist.training import distribution_strategy
 from tuning.space import define
 
 log = logging.getLogger("tf_emnist")
@@ -65,9 +66,14 @@ def make_hypermodel(base: TrainConfig, space: dict, num_classes: int, num_train:
 def make_tuner(kind: str, hypermodel, *, output: str, project: str, max_trials: int, max_epochs: int,
                seed: int, overwrite: bool):
     import keras_tuner as kt
+    import tensorflow as tf
 
     common = dict(objective=kt.Objective(OBJECTIVE, direction="max"), directory=output, project_name=project,
                   overwrite=overwrite, seed=seed, max_consecutive_failed_trials=max(3, max_trials))
+    strategy = distribution_strategy("default")
+    if isinstance(strategy, tf.distribute.OneDeviceStrategy):
+        # One GPU: trials run under its OneDeviceStrategy, which copies batches to it, as training does.
+        common["distribution_strategy"] = strategy
     if kind == "random":
         return kt.RandomSearch(hypermodel, max_trials=max_trials, **common)
     if kind == "bayesian":
