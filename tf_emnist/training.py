@@ -97,7 +97,7 @@ def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, model_to
             # batch_loss is a per-step figure (steps.csv): at an epoch's end it is only the last batch's, and
             # Keras reports a val_batch_loss that merely repeats it. Keep both out of the epoch logs (progress
             # bar, history.csv, TensorBoard), unless a run resumed from an older tf-emnist has the columns.
-            if not keeps_batch_loss_columns:
+            if logs is not None and not keeps_batch_loss_columns:
                 logs.pop("batch_loss", None)
                 logs.pop("val_batch_loss", None)
 
