@@ -302,7 +302,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    # tf-emnist's progress at INFO; other libraries' INFO (TensorFlow's "Assets written to: <a temporary
+    # folder>" on every export) stays out.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("tf_emnist").setLevel(logging.WARNING if args.quiet else logging.INFO)
     from tf_emnist.nist import DataError
     from tf_emnist.training import RunDirError
 
