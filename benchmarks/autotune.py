@@ -43,7 +43,7 @@ def main() -> None:
 
     from tf_emnist.bench import cpu_name, synthetic
     from tf_emnist.data import make_dataset
-    from tf_emnist.model import build_model, compile_model, use_bf16_gradients
+    from tf_emnist.model import build_model, compile_model, describe_lstm_training
     from tf_emnist.tasks import get_task
 
     task = get_task(args.task)
@@ -53,7 +53,7 @@ def main() -> None:
     model = compile_model(build_model(config, task.num_classes), config, track_batch_loss=True)
     model.fit(ds.take(5), epochs=1, verbose=0)  # compile
     print(f"CPU: {cpu_name()}; {args.task}, {args.steps} steps an epoch of batch {config.batch_size}, "
-          f"bf16-gradient kernel {'on' if use_bf16_gradients(config) else 'off'}")
+          f"{describe_lstm_training(config)}")
 
     class EpochTimes(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):

@@ -8,8 +8,8 @@ Run: python benchmarks/cpu_ceiling.py [--rounds 4]   (output kept in results/cpu
    2 * 4h * (inputs + h) multiply-adds per step and layer, 28 steps.
 3. Training the study's merged model (Keras fit, as `train` runs it): Keras's LSTM with
    the whole step in XLA, against tf-emnist's LSTM kernel (tf_emnist/lstm_kernel.py) with
-   its backward pass's large matmuls in float32, then in bfloat16 (the default on CPUs
-   with AVX512-BF16 or AMX).
+   its backward pass's large matmuls in float32 (the default on CPUs without bfloat16
+   units), then in bfloat16 (the default on CPUs with AVX512-BF16 or AMX).
 """
 from __future__ import annotations
 
@@ -51,18 +51,13 @@ def matmul_gflops(m: int, k: int, n: int, jit: bool, dtype: str = "float32") -> 
 def training_rates(task, images, labels, rounds: int) -> dict:
     """Training samples/s of the merged preset with Keras's LSTM under XLA and with tf-emnist's kernel."""
     from tf_emnist.bench import training_samples_per_s
-    from tf_emnist.lstm_kernel import bf16_gradient_lstm_class
 
-    kernel = bf16_gradient_lstm_class()
-    variants = {"keras, XLA": (False, "bfloat16"), "kernel, float32": (True, "float32"),
-                "kernel, bfloat16": (True, "bfloat16")}
+    variants = {"keras, XLA": {"lstm_kernel": False}, "kernel, float32": {"lstm_kernel": True, "bf16_gradients": False},
+                "kernel, bfloat16": {"lstm_kernel": True, "bf16_gradients": True}}
     rates = {name: [] for name in variants}
     for _ in range(rounds):
-        for name, (bf16_gradients, dtype) in variants.items():
-            kernel.matmul_dtype = dtype
-            rates[name].append(training_samples_per_s(task.preset.replace(bf16_gradients=bf16_gradients),
-                                                      images, labels, steps=20))
-    kernel.matmul_dtype = "bfloat16"
+        for name, options in variants.items():
+            rates[name].append(training_samples_per_s(task.preset.replace(**options), images, labels, steps=20))
     return rates
 
 

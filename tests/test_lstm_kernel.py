@@ -1,4 +1,5 @@
-"""tf_emnist.lstm_kernel: the same LSTM as Keras's, autodiff's gradients, and bfloat16 where it should be."""
+"""tf_emnist.lstm_kernel: the same LSTM as Keras's, autodiff's gradients in float32, and bfloat16 where it should be."""
+import functools
 import json
 import zipfile
 
@@ -8,10 +9,9 @@ import pytest
 import tensorflow as tf
 
 from tests.test_train import TINY, run_cli
-from tf_emnist import lstm_kernel
 from tf_emnist.config import TrainConfig
-from tf_emnist.lstm_kernel import bf16_gradient_lstm_class, lstm_function
-from tf_emnist.model import build_model, compile_model, use_bf16_gradients
+from tf_emnist.lstm_kernel import kernel_lstm_class, lstm_function
+from tf_emnist.model import build_model, compile_model, custom_objects, kernel_matmul_dtype, use_lstm_kernel
 
 RNG = np.random.default_rng(0)
 X = tf.constant(RNG.random((5, 28, 7), dtype=np.float32))
@@ -26,12 +26,12 @@ def outputs_and_gradients(model):
     return out, tape.gradient(loss, [X, *model.trainable_variables])
 
 
-def keras_and_ours(layer_class, **options):
-    """The same one-layer model (same weights) with keras.layers.LSTM and with layer_class."""
+def keras_and_ours(matmul_dtype="bfloat16", **options):
+    """The same one-layer model (same weights) with keras.layers.LSTM and with the kernel's layer."""
     bidirectional = options.pop("bidirectional", False)
     models = []
-    for cls in (keras.layers.LSTM, layer_class):
-        layer = cls(6, **options)
+    for layer_class in (keras.layers.LSTM, functools.partial(kernel_lstm_class(), matmul_dtype=matmul_dtype)):
+        layer = layer_class(6, **options)
         layer = keras.layers.Bidirectional(layer) if bidirectional else layer
         models.append(keras.Sequential([keras.Input((28, 7)), layer, keras.layers.Dense(3)]))
     models[1].set_weights(models[0].get_weights())
@@ -68,7 +68,7 @@ def test_the_kernel_in_float32_gives_autodiffs_gradients():
     {"return_sequences": False, "bidirectional": True},
 ])
 def test_the_layer_is_kerass_lstm_with_bfloat16_gradients(options):
-    keras_model, ours = keras_and_ours(bf16_gradient_lstm_class(), **options)
+    keras_model, ours = keras_and_ours(**options)
     expected_out, expected_grads = outputs_and_gradients(keras_model)
     out, grads = outputs_and_gradients(ours)
     np.testing.assert_allclose(out, expected_out, atol=1e-6)  # the forward pass is float32
@@ -76,29 +76,55 @@ def test_the_layer_is_kerass_lstm_with_bfloat16_gradients(options):
     assert 1e-5 < largest_relative_error(expected_grads, grads) < 3e-2
 
 
+def test_the_layer_in_float32_is_kerass_lstm_with_its_gradients():
+    """What CPUs without bfloat16 units train with; Bidirectional rebuilds its backward layer from the config."""
+    keras_model, ours = keras_and_ours("float32", return_sequences=False, bidirectional=True)
+    assert ours.layers[0].backward_layer.matmul_dtype == "float32"
+    expected_out, expected_grads = outputs_and_gradients(keras_model)
+    out, grads = outputs_and_gradients(ours)
+    np.testing.assert_allclose(out, expected_out, atol=1e-6)
+    assert largest_relative_error(expected_grads, grads) < 1e-5
+
+
 def test_the_layer_falls_back_to_keras_where_the_kernel_does_not_apply():
-    keras_model, ours = keras_and_ours(bf16_gradient_lstm_class(), return_sequences=True, activation="relu")
+    keras_model, ours = keras_and_ours(return_sequences=True, activation="relu")
     for expected, got in zip(outputs_and_gradients(keras_model)[1], outputs_and_gradients(ours)[1]):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_the_default_is_on_only_where_it_pays(monkeypatch):
-    monkeypatch.setattr(lstm_kernel, "cpu_has_bf16_matmul", lambda: True)
+def test_the_kernel_is_the_default_on_a_cpu_with_xla_in_bfloat16_where_the_cpu_has_it(monkeypatch):
     monkeypatch.setattr("tf_emnist.model.cpu_has_bf16_matmul", lambda: True)
-    assert use_bf16_gradients(TrainConfig())
-    assert not use_bf16_gradients(TrainConfig(jit_compile=False))
-    assert not use_bf16_gradients(TrainConfig(mixed_precision=True))
-    assert not use_bf16_gradients(TrainConfig(bf16_gradients=False))
+    assert use_lstm_kernel(TrainConfig()) and kernel_matmul_dtype(TrainConfig()) == "bfloat16"
+    assert not use_lstm_kernel(TrainConfig(jit_compile=False))
+    assert not use_lstm_kernel(TrainConfig(mixed_precision=True))
+    assert not use_lstm_kernel(TrainConfig(lstm_kernel=False))
+    assert kernel_matmul_dtype(TrainConfig(bf16_gradients=False)) == "float32"
     monkeypatch.setattr("tf_emnist.model.cpu_has_bf16_matmul", lambda: False)
-    assert not use_bf16_gradients(TrainConfig())
-    assert use_bf16_gradients(TrainConfig(bf16_gradients=True))
+    assert use_lstm_kernel(TrainConfig()) and kernel_matmul_dtype(TrainConfig()) == "float32"
+    assert use_lstm_kernel(TrainConfig(bf16_gradients=True, jit_compile=False))
+    assert kernel_matmul_dtype(TrainConfig(bf16_gradients=True)) == "bfloat16"
+
+
+def test_bf16_gradients_without_the_kernel_is_a_clear_error():
+    with pytest.raises(ValueError, match="bf16_gradients needs the LSTM kernel"):
+        TrainConfig(lstm_kernel=False, bf16_gradients=True)
 
 
 def test_the_model_compiles_outside_xla_and_builds_the_layer():
-    config = TrainConfig(hidden_dim=8, num_layers=2, bf16_gradients=True, jit_compile=True)
+    config = TrainConfig(hidden_dim=8, num_layers=2, bf16_gradients=False, jit_compile=True)
     model = compile_model(build_model(config, 3), config)
     assert not model.jit_compile
-    assert all(isinstance(layer, bf16_gradient_lstm_class()) for layer in model.layers[:2])
+    assert all(isinstance(layer, kernel_lstm_class()) and layer.matmul_dtype == "float32" for layer in model.layers[:2])
+    plain = TrainConfig(hidden_dim=8, num_layers=2, lstm_kernel=False, jit_compile=True)
+    assert compile_model(build_model(plain, 3), plain).jit_compile
+
+
+def test_a_live_model_with_the_kernel_saves_and_loads(tmp_path):
+    model = build_model(TrainConfig(hidden_dim=8, num_layers=1, bf16_gradients=False), 3)
+    model.save(tmp_path / "live.keras")
+    loaded = keras.saving.load_model(tmp_path / "live.keras", custom_objects=custom_objects())
+    assert loaded.layers[0].matmul_dtype == "float32"
+    np.testing.assert_allclose(loaded(X[:, :, :1].numpy().repeat(28, -1)), model(X[:, :, :1].numpy().repeat(28, -1)))
 
 
 def test_a_run_with_bf16_gradients_saves_a_plain_keras_model(nist_dir, tmp_path):
@@ -108,6 +134,6 @@ def test_a_run_with_bf16_gradients_saves_a_plain_keras_model(nist_dir, tmp_path)
                    "--bf16-gradients", "--no-evaluate", *tiny) == 0
     with zipfile.ZipFile(run / "model.keras") as archive:
         saved = json.loads(archive.read("config.json"))
-    assert "Bf16GradientLSTM" not in json.dumps(saved)
+    assert "KernelLSTM" not in json.dumps(saved)
     assert '"class_name": "LSTM"' in json.dumps(saved)
     assert json.loads((run / "config.json").read_text())["bf16_gradients"] is True

@@ -45,10 +45,12 @@ def test_bidirectional_parameter_count():
     assert model.count_params() == 2 * lstm_parameter_count(28, 16) + 2 * lstm_parameter_count(32, 16) + 32 * 5 + 5
 
 
-@pytest.mark.parametrize("jit, bf16_gradients", [(False, False), (True, False), (True, True)])
-def test_a_train_step_changes_the_weights_and_lowers_the_loss(jit, bf16_gradients):
+@pytest.mark.parametrize("jit, lstm_kernel, bf16_gradients", [
+    (False, None, None), (True, False, None), (True, True, False), (True, True, True),
+])
+def test_a_train_step_changes_the_weights_and_lowers_the_loss(jit, lstm_kernel, bf16_gradients):
     config = TrainConfig(hidden_dim=16, num_layers=2, learning_rate=1e-2, jit_compile=jit,
-                         bf16_gradients=bf16_gradients)
+                         lstm_kernel=lstm_kernel, bf16_gradients=bf16_gradients)
     model = compile_model(build_model(config, 3), config, track_batch_loss=True)
     rng = np.random.default_rng(0)
     x = rng.random((64, 28, 28), dtype=np.float32)

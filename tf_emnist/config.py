@@ -62,10 +62,13 @@ class TrainConfig:
     log_every: int = _field(1000, "print and record the batch loss every N steps")
     deterministic: bool = _field(False, "enable TensorFlow op determinism (slower; bit-exact reruns)")
     jit_compile: bool | None = _field(None, "compile the train step with XLA (default: on a CPU, off on a GPU, where cuDNN is faster)")
+    lstm_kernel: bool | None = _field(
+        None, "train the LSTMs with tf-emnist's kernel: the recurrences in XLA, the backward pass's large matmuls "
+              "through oneDNN; the forward pass and the saved model stay Keras's float32 LSTM (default: on a CPU "
+              "when XLA is on, without --mixed-precision)")
     bf16_gradients: bool | None = _field(
-        None, "train with tf-emnist's LSTM kernel: XLA recurrences, and the backward pass's large matmuls in "
-              "bfloat16 through oneDNN; the forward pass stays float32 (default: on a CPU with AVX512-BF16 or AMX "
-              "when XLA is on)")
+        None, "run the LSTM kernel's backward-pass matmuls in bfloat16, with float32 accumulation "
+              "(default: on a CPU with AVX512-BF16 or AMX)")
     mixed_precision: bool = _field(False, "train in float16 (GPU) with float32 logits and loss")
     strategy: str = _field("default", "distribution: default or mirrored (all local GPUs)")
     scale_lr: bool = _field(
@@ -98,6 +101,8 @@ class TrainConfig:
             problems.append("ema must be in [0, 1)")
         if self.patience < 0:
             problems.append("patience must be >= 0")
+        if self.bf16_gradients and self.lstm_kernel is False:
+            problems.append("bf16_gradients needs the LSTM kernel (drop --no-lstm-kernel or --bf16-gradients)")
         if self.strategy not in ("default", "mirrored"):
             problems.append("strategy must be 'default' or 'mirrored'")
         if problems:

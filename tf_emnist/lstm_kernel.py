@@ -1,20 +1,23 @@
-"""A faster LSTM training pass for CPUs with bfloat16 matmul units (AVX512-BF16 or AMX).
+"""A faster LSTM training pass for CPUs, fastest on those with bfloat16 matmul units (AVX512-BF16 or AMX).
 
-Under XLA, every matmul of the LSTM runs in float32: XLA's CPU back end has no faster
-bfloat16 dot. TensorFlow's own MatMul runs bfloat16 through oneDNN at 1.5-1.8x its float32
-rate on such a CPU (`python benchmarks/cpu_ceiling.py`). This kernel splits the training
-pass between the two:
+Under XLA, every matmul of the LSTM runs in XLA's own dot: float32 only, as XLA's CPU back
+end has no faster bfloat16 dot. TensorFlow's own MatMul runs through oneDNN: at the large
+shapes of a whole sequence it beats XLA's dot in float32 (184 against 126 GFLOP/s), and on
+a CPU with bfloat16 units it runs bfloat16 at 1.5-1.8x its float32 rate (`python
+benchmarks/cpu_ceiling.py`). This kernel splits the training pass between the two:
 
 - the two recurrences (the forward pass over the 28 steps and its backward pass) are
   compiled by XLA, in float32;
 - the input projection of all 28 steps is one float32 matmul outside XLA;
-- the three large matmuls of the backward pass run outside XLA, in bfloat16 with float32
-  accumulation: the input kernel's and the recurrent kernel's gradients, and the gradient
-  sent to the layer below. Each covers all 28 steps at once (as cuDNN and oneDNN do), so
-  it is one matmul with 28 x batch rows, not 28 small ones.
+- the three large matmuls of the backward pass run outside XLA: the input kernel's and the
+  recurrent kernel's gradients, and the gradient sent to the layer below. Each covers all
+  28 steps at once (as cuDNN and oneDNN do), so it is one matmul with 28 x batch rows, not
+  28 small ones. They run in bfloat16 with float32 accumulation where the CPU has bfloat16
+  units (`matmul_dtype`), in float32 elsewhere.
 
 The forward pass stays in float32, so the model trained is the model evaluated and
-exported; only the gradients are rounded to bfloat16's 8-bit mantissa. The layer is a
+exported. In float32 the gradients are autodiff's; in bfloat16 they are rounded to its
+8-bit mantissa. The layer is a
 keras.layers.LSTM with the same weights, and training saves a plain Keras copy
 (`tf_emnist.model.keras_lstm_copy`).
 """
@@ -104,17 +107,22 @@ def lstm_function(matmul_dtype: str = "bfloat16"):
 
 
 @functools.cache
-def bf16_gradient_lstm_class():
+def kernel_lstm_class():
     """keras.layers.LSTM, with the kernel above for training wherever it applies (float32, no mask, default activations)."""
     import keras
     import tensorflow as tf
 
     # Registered because Bidirectional makes its backward layer from this one's config.
     @keras.saving.register_keras_serializable(package="tf_emnist")
-    class Bf16GradientLSTM(keras.layers.LSTM):
-        """A keras.layers.LSTM whose backward pass runs its large matmuls in bfloat16 (see the module)."""
+    class KernelLSTM(keras.layers.LSTM):
+        """A keras.layers.LSTM that trains with the kernel above; its backward pass's large matmuls in `matmul_dtype`."""
 
-        matmul_dtype = "bfloat16"  # "float32" gives autodiff's gradients (to measure what bfloat16 buys)
+        def __init__(self, units, matmul_dtype="bfloat16", **kwargs):
+            super().__init__(units, **kwargs)
+            self.matmul_dtype = matmul_dtype
+
+        def get_config(self):
+            return {**super().get_config(), "matmul_dtype": self.matmul_dtype}
 
         def inner_loop(self, sequences, initial_state, mask, training=False):
             cell = self.cell
@@ -130,5 +138,5 @@ def bf16_gradient_lstm_class():
             # Keras's layout: batch-major, in the order the steps were processed.
             return hs[-1], tf.transpose(hs, (1, 0, 2)), [hs[-1], c_last]
 
-    return Bf16GradientLSTM
+    return KernelLSTM
 

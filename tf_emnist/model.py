@@ -5,7 +5,7 @@ import functools
 import math
 
 from tf_emnist.config import TrainConfig
-from tf_emnist.lstm_kernel import bf16_gradient_lstm_class, cpu_has_bf16_matmul
+from tf_emnist.lstm_kernel import cpu_has_bf16_matmul, kernel_lstm_class
 
 TIME_STEPS = FEATURES = 28
 
@@ -19,12 +19,14 @@ def build_model(config: TrainConfig, num_classes: int, *, use_cudnn="auto"):
     import keras
 
     dtype = mixed_precision_policy() if config.mixed_precision else None
-    lstm_class = bf16_gradient_lstm_class() if use_bf16_gradients(config) else keras.layers.LSTM
+    lstm_class, options = keras.layers.LSTM, {}
+    if use_lstm_kernel(config):
+        lstm_class, options = kernel_lstm_class(), {"matmul_dtype": kernel_matmul_dtype(config)}
     layers = [keras.Input((TIME_STEPS, FEATURES), name="rows")]
     for i in range(config.num_layers):
         lstm = lstm_class(
             config.hidden_dim, return_sequences=i < config.num_layers - 1, dtype=dtype, use_cudnn=use_cudnn,
-            name=f"lstm_{i}",
+            name=f"lstm_{i}", **options,
         )
         layers.append(keras.layers.Bidirectional(lstm, name=f"bilstm_{i}") if config.bidirectional else lstm)
     layers += [
@@ -51,14 +53,14 @@ def with_grouped_output(model, class_of_source):
 
 def custom_objects() -> dict:
     """The tf-emnist classes a saved model.keras may hold, for keras.saving.load_model."""
-    return {"GroupLogSumExp": _group_layer_class(), "Bf16GradientLSTM": bf16_gradient_lstm_class()}
+    return {"GroupLogSumExp": _group_layer_class(), "KernelLSTM": kernel_lstm_class()}
 
 
 def keras_lstm_copy(model, config: TrainConfig, num_classes: int):
     """`model` as built with keras.layers.LSTM (what to save): itself, or a copy with its weights."""
-    if not use_bf16_gradients(config):
+    if not use_lstm_kernel(config):
         return model
-    plain = build_model(config.replace(bf16_gradients=False), num_classes)
+    plain = build_model(config.replace(lstm_kernel=False, bf16_gradients=None), num_classes)
     plain.set_weights(model.get_weights())
     return plain
 
@@ -79,11 +81,28 @@ def use_xla(config: TrainConfig) -> bool:
     return not tf.config.list_logical_devices("GPU")
 
 
-def use_bf16_gradients(config: TrainConfig) -> bool:
-    """Whether the LSTMs train with tf_emnist.lstm_kernel (default: where XLA is on and the CPU does bfloat16)."""
-    if config.bf16_gradients is not None:
-        return config.bf16_gradients
-    return use_xla(config) and not config.mixed_precision and cpu_has_bf16_matmul()
+def use_lstm_kernel(config: TrainConfig) -> bool:
+    """Whether the LSTMs train with tf_emnist.lstm_kernel (default: on a CPU where XLA is on, in float32)."""
+    import tensorflow as tf
+
+    if config.lstm_kernel is not None:
+        return config.lstm_kernel
+    if config.bf16_gradients:
+        return True
+    return use_xla(config) and not config.mixed_precision and not tf.config.list_logical_devices("GPU")
+
+
+def kernel_matmul_dtype(config: TrainConfig) -> str:
+    """The LSTM kernel's backward-pass matmuls: bfloat16 where the CPU has bfloat16 units (or when asked), else float32."""
+    bf16 = cpu_has_bf16_matmul() if config.bf16_gradients is None else config.bf16_gradients
+    return "bfloat16" if bf16 else "float32"
+
+
+def describe_lstm_training(config: TrainConfig) -> str:
+    """How the LSTMs train under `config`, in words (for benchmarks and logs)."""
+    if use_lstm_kernel(config):
+        return f"tf-emnist's LSTM kernel, {kernel_matmul_dtype(config)} gradient matmuls"
+    return "Keras's LSTM" + (", all in XLA" if use_xla(config) else "")
 
 
 REFERENCE_BATCH = 256  # the study's batch, which its learning rate was chosen for
@@ -129,8 +148,8 @@ def compile_model(model, config: TrainConfig, steps_per_epoch: int = 1, *, track
     else:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     metrics = ["accuracy"] + ([_batch_loss_class()(loss)] if track_batch_loss else [])
-    # The bf16-gradient LSTMs compile their own recurrences; their bfloat16 matmuls must stay outside XLA.
-    jit_compile = use_xla(config) and not use_bf16_gradients(config)
+    # The kernel's LSTMs compile their own recurrences; their large matmuls must stay outside XLA (oneDNN).
+    jit_compile = use_xla(config) and not use_lstm_kernel(config)
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile)
     return model
 

@@ -1,0 +1,54 @@
+"""Training on a CPU without bfloat16 units: Keras's LSTM all in XLA against tf-emnist's kernel in float32.
+
+Run: python benchmarks/kernel_float32.py TASK [--rounds 6] [--steps 30]
+     (output kept in results/kernel_float32.txt)
+
+On a CPU without AVX512-BF16 or AMX, tf-emnist's LSTM kernel (tf_emnist/lstm_kernel.py)
+runs its backward pass's large matmuls in float32 through oneDNN, which beats XLA's dot at
+those shapes. This script measures that on any CPU by forcing the kernel's matmuls to
+float32 (`bf16_gradients=False`). The two alternate in one process, the order flipping
+every round, through the benchmark's own training measure (Keras fit after a warm-up).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+VARIANTS = {"Keras's LSTM, all in XLA": {"lstm_kernel": False},
+            "tf-emnist's kernel, float32": {"lstm_kernel": True, "bf16_gradients": False}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("task", choices=["digit-letter", "merged"])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=30, help="timed training steps a measure")
+    args = parser.parse_args()
+
+    from tf_emnist.bench import cpu_name, synthetic, training_samples_per_s
+    from tf_emnist.tasks import get_task
+
+    task = get_task(args.task)
+    images, labels = synthetic(10240, task.num_classes)
+    print(f"CPU: {cpu_name()}; {args.task} ({task.preset.num_layers} x {task.preset.hidden_dim} LSTM), "
+          f"{args.steps} steps of batch {task.preset.batch_size}, samples/s")
+    rates = {name: [] for name in VARIANTS}
+    for round_ in range(args.rounds):
+        for name in VARIANTS if round_ % 2 == 0 else reversed(VARIANTS):
+            rates[name].append(training_samples_per_s(task.preset.replace(**VARIANTS[name]), images, labels,
+                                                      steps=args.steps))
+        print(f"  round {round_ + 1}: " + ", ".join(f"{name} {r[-1]:,.0f}" for name, r in rates.items()), flush=True)
+    keras_rates, kernel_rates = rates.values()
+    ratio = statistics.median(kernel_rates) / statistics.median(keras_rates)
+    pairs = ", ".join(f"{k / x:.2f}" for x, k in zip(keras_rates, kernel_rates))
+    print(f"median: Keras {statistics.median(keras_rates):,.0f}, kernel {statistics.median(kernel_rates):,.0f}: "
+          f"{ratio:.2f}x; round by round {pairs}")
+
+
+if __name__ == "__main__":
+    main()
