@@ -165,7 +165,8 @@ def cmd_bench(args) -> int:
     from tf_emnist.files import write_json
 
     results = run_benchmark(args.tasks, steps=args.steps, rounds=args.rounds, baseline=args.baseline,
-                            memory=args.memory, jit_compile=args.jit_compile, bf16_gradients=args.bf16_gradients)
+                            memory=args.memory, jit_compile=args.jit_compile, bf16_gradients=args.bf16_gradients,
+                            lstm_kernel=args.lstm_kernel)
     print(format_table(results))
     if args.output:
         write_json(args.output, results)
@@ -290,8 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
                        help="force XLA on or off for training (default: as training does)")
     bench.add_argument("--bf16-gradients", action=argparse.BooleanOptionalAction, default=None,
-                       help="force the LSTM kernel's bfloat16 matmuls on or off; off is what a CPU without "
+                       help="force the bf16-gradient LSTM kernel on or off; off is what a CPU without "
                             "bfloat16 units trains with (default: as training does)")
+    bench.add_argument("--lstm-kernel", action=argparse.BooleanOptionalAction, default=None,
+                       help="force the LSTM kernel on or off; with --no-bf16-gradients, the kernel in float32 "
+                            "(default: as training does)")
     bench.add_argument("--output", metavar="JSON", help="write the figures here")
     bench.set_defaults(func=cmd_bench)
 

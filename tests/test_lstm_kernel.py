@@ -92,15 +92,18 @@ def test_the_layer_falls_back_to_keras_where_the_kernel_does_not_apply():
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_the_kernel_is_the_default_on_a_cpu_with_xla_in_bfloat16_where_the_cpu_has_it(monkeypatch):
+def test_the_kernel_is_the_default_only_on_a_cpu_with_bfloat16_units(monkeypatch):
     monkeypatch.setattr("tf_emnist.model.cpu_has_bf16_matmul", lambda: True)
     assert use_lstm_kernel(TrainConfig()) and kernel_matmul_dtype(TrainConfig()) == "bfloat16"
     assert not use_lstm_kernel(TrainConfig(jit_compile=False))
     assert not use_lstm_kernel(TrainConfig(mixed_precision=True))
     assert not use_lstm_kernel(TrainConfig(lstm_kernel=False))
-    assert kernel_matmul_dtype(TrainConfig(bf16_gradients=False)) == "float32"
+    assert not use_lstm_kernel(TrainConfig(bf16_gradients=False))  # Keras's LSTM, all in XLA, as before
+    config = TrainConfig(lstm_kernel=True, bf16_gradients=False)
+    assert use_lstm_kernel(config) and kernel_matmul_dtype(config) == "float32"
     monkeypatch.setattr("tf_emnist.model.cpu_has_bf16_matmul", lambda: False)
-    assert use_lstm_kernel(TrainConfig()) and kernel_matmul_dtype(TrainConfig()) == "float32"
+    assert not use_lstm_kernel(TrainConfig())
+    assert kernel_matmul_dtype(TrainConfig(lstm_kernel=True)) == "float32"
     assert use_lstm_kernel(TrainConfig(bf16_gradients=True, jit_compile=False))
     assert kernel_matmul_dtype(TrainConfig(bf16_gradients=True)) == "bfloat16"
 
@@ -111,7 +114,7 @@ def test_bf16_gradients_without_the_kernel_is_a_clear_error():
 
 
 def test_the_model_compiles_outside_xla_and_builds_the_layer():
-    config = TrainConfig(hidden_dim=8, num_layers=2, bf16_gradients=False, jit_compile=True)
+    config = TrainConfig(hidden_dim=8, num_layers=2, lstm_kernel=True, bf16_gradients=False, jit_compile=True)
     model = compile_model(build_model(config, 3), config)
     assert not model.jit_compile
     assert all(isinstance(layer, kernel_lstm_class()) and layer.matmul_dtype == "float32" for layer in model.layers[:2])
@@ -120,7 +123,7 @@ def test_the_model_compiles_outside_xla_and_builds_the_layer():
 
 
 def test_a_live_model_with_the_kernel_saves_and_loads(tmp_path):
-    model = build_model(TrainConfig(hidden_dim=8, num_layers=1, bf16_gradients=False), 3)
+    model = build_model(TrainConfig(hidden_dim=8, num_layers=1, lstm_kernel=True, bf16_gradients=False), 3)
     model.save(tmp_path / "live.keras")
     loaded = keras.saving.load_model(tmp_path / "live.keras", custom_objects=custom_objects())
     assert loaded.layers[0].matmul_dtype == "float32"

@@ -205,7 +205,7 @@ def memory_probe(task: str = "merged", steps: int = 10) -> dict:
 
 def run_benchmark(tasks=("digit-letter", "merged"), *, steps: int = 30, rounds: int = 2,
                   baseline: str = DEFAULT_BASELINE, memory: bool = True, jit_compile: bool | None = None,
-                  bf16_gradients: bool | None = None) -> dict:
+                  bf16_gradients: bool | None = None, lstm_kernel: bool | None = None) -> dict:
     """All figures for each preset; Keras and PyTorch alternate `rounds` times and the medians are kept."""
     import tensorflow as tf
 
@@ -215,7 +215,7 @@ def run_benchmark(tasks=("digit-letter", "merged"), *, steps: int = 30, rounds: 
                "steps": steps, "rounds": rounds, "tasks": {}}
     for name in tasks:
         task = get_task(name)
-        config = task.preset.replace(jit_compile=jit_compile, bf16_gradients=bf16_gradients)
+        config = task.preset.replace(jit_compile=jit_compile, bf16_gradients=bf16_gradients, lstm_kernel=lstm_kernel)
         results["lstm_training"] = describe_lstm_training(config)
         kernel = use_lstm_kernel(config)
         images, labels = synthetic(max(steps, 40) * config.batch_size, task.num_classes)

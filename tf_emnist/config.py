@@ -64,11 +64,12 @@ class TrainConfig:
     jit_compile: bool | None = _field(None, "compile the train step with XLA (default: on a CPU, off on a GPU, where cuDNN is faster)")
     lstm_kernel: bool | None = _field(
         None, "train the LSTMs with tf-emnist's kernel: the recurrences in XLA, the backward pass's large matmuls "
-              "through oneDNN; the forward pass and the saved model stay Keras's float32 LSTM (default: on a CPU "
-              "when XLA is on, without --mixed-precision)")
+              "through oneDNN; the forward pass and the saved model stay Keras's float32 LSTM (default: as "
+              "--bf16-gradients)")
     bf16_gradients: bool | None = _field(
-        None, "run the LSTM kernel's backward-pass matmuls in bfloat16, with float32 accumulation "
-              "(default: on a CPU with AVX512-BF16 or AMX)")
+        None, "train with the LSTM kernel, its backward-pass matmuls in bfloat16 with float32 accumulation; "
+              "with --lstm-kernel, --no-bf16-gradients runs them in float32 (default: on a CPU with AVX512-BF16 "
+              "or AMX when XLA is on)")
     mixed_precision: bool = _field(False, "train in float16 (GPU) with float32 logits and loss")
     strategy: str = _field("default", "distribution: default or mirrored (all local GPUs)")
     scale_lr: bool = _field(

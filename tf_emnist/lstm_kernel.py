@@ -1,10 +1,9 @@
-"""A faster LSTM training pass for CPUs, fastest on those with bfloat16 matmul units (AVX512-BF16 or AMX).
+"""A faster LSTM training pass for CPUs with bfloat16 matmul units (AVX512-BF16 or AMX).
 
-Under XLA, every matmul of the LSTM runs in XLA's own dot: float32 only, as XLA's CPU back
-end has no faster bfloat16 dot. TensorFlow's own MatMul runs through oneDNN: at the large
-shapes of a whole sequence it beats XLA's dot in float32 (184 against 126 GFLOP/s), and on
-a CPU with bfloat16 units it runs bfloat16 at 1.5-1.8x its float32 rate (`python
-benchmarks/cpu_ceiling.py`). This kernel splits the training pass between the two:
+Under XLA, every matmul of the LSTM runs in float32: XLA's CPU back end has no faster
+bfloat16 dot. TensorFlow's own MatMul runs bfloat16 through oneDNN at 1.5-1.8x its float32
+rate on such a CPU (`python benchmarks/cpu_ceiling.py`). This kernel splits the training
+pass between the two:
 
 - the two recurrences (the forward pass over the 28 steps and its backward pass) are
   compiled by XLA, in float32;
@@ -12,14 +11,13 @@ benchmarks/cpu_ceiling.py`). This kernel splits the training pass between the tw
 - the three large matmuls of the backward pass run outside XLA: the input kernel's and the
   recurrent kernel's gradients, and the gradient sent to the layer below. Each covers all
   28 steps at once (as cuDNN and oneDNN do), so it is one matmul with 28 x batch rows, not
-  28 small ones. They run in bfloat16 with float32 accumulation where the CPU has bfloat16
-  units (`matmul_dtype`), in float32 elsewhere.
+  28 small ones. They run in bfloat16 with float32 accumulation (`matmul_dtype`; float32
+  when asked, which measured no clear gain over Keras's XLA step: benchmarks/kernel_float32.py).
 
 The forward pass stays in float32, so the model trained is the model evaluated and
 exported. In float32 the gradients are autodiff's; in bfloat16 they are rounded to its
-8-bit mantissa. The layer is a
-keras.layers.LSTM with the same weights, and training saves a plain Keras copy
-(`tf_emnist.model.keras_lstm_copy`).
+8-bit mantissa. The layer is a keras.layers.LSTM with the same weights, and training saves
+a plain Keras copy (`tf_emnist.model.keras_lstm_copy`).
 """
 from __future__ import annotations
 

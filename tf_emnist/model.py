@@ -82,14 +82,20 @@ def use_xla(config: TrainConfig) -> bool:
 
 
 def use_lstm_kernel(config: TrainConfig) -> bool:
-    """Whether the LSTMs train with tf_emnist.lstm_kernel (default: on a CPU where XLA is on, in float32)."""
+    """Whether the LSTMs train with tf_emnist.lstm_kernel.
+
+    Default: on a CPU with bfloat16 units, with XLA on and no mixed precision. In float32
+    the kernel measured 0.94-1.01x Keras's XLA step on digit-letter and 0.99-1.10x on merged
+    (`python benchmarks/kernel_float32.py TASK`), no clear gain, so other CPUs keep Keras's.
+    """
     import tensorflow as tf
 
     if config.lstm_kernel is not None:
         return config.lstm_kernel
-    if config.bf16_gradients:
-        return True
-    return use_xla(config) and not config.mixed_precision and not tf.config.list_logical_devices("GPU")
+    if config.bf16_gradients is not None:
+        return config.bf16_gradients
+    return (use_xla(config) and not config.mixed_precision and not tf.config.list_logical_devices("GPU")
+            and cpu_has_bf16_matmul())
 
 
 def kernel_matmul_dtype(config: TrainConfig) -> str:
