@@ -4,8 +4,8 @@ Run: python benchmarks/step_times.py digit-letter 200   (or merged; the number o
      python benchmarks/step_times.py digit-letter 200 --no-lstm-kernel   (Keras's LSTM, all in XLA)
 
 tf-emnist's model and compile (the default training step on a CPU: tf-emnist's LSTM
-kernel, in bfloat16 where the CPU has bfloat16 units), fed upright numpy arrays;
-a callback times each step.
+kernel in bfloat16 where the CPU has bfloat16 units, else Keras's LSTM all in XLA), fed
+upright numpy arrays; a callback times each step.
 Prints every step's milliseconds, then the median, the mean, and the steps slower than
 1.5x the median. (The whole-fit waits of tf.data's autotuner fall at the end of a fit or
 an epoch, not inside one: see benchmarks/autotune.py.)
@@ -59,6 +59,6 @@ if __name__ == "__main__":
     parser.add_argument("task", choices=["digit-letter", "merged"])
     parser.add_argument("steps", type=int)
     parser.add_argument("--lstm-kernel", action=argparse.BooleanOptionalAction, default=None,
-                        help="tf-emnist's LSTM training kernel (default: on, as `train` on a CPU)")
+                        help="tf-emnist's LSTM training kernel (default: as `train`)")
     args = parser.parse_args()
     main(args.task, args.steps, args.lstm_kernel)

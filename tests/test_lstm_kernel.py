@@ -77,7 +77,7 @@ def test_the_layer_is_kerass_lstm_with_bfloat16_gradients(options):
 
 
 def test_the_layer_in_float32_is_kerass_lstm_with_its_gradients():
-    """What CPUs without bfloat16 units train with; Bidirectional rebuilds its backward layer from the config."""
+    """`--lstm-kernel --no-bf16-gradients`; Bidirectional rebuilds its backward layer from the config."""
     keras_model, ours = keras_and_ours("float32", return_sequences=False, bidirectional=True)
     assert ours.layers[0].backward_layer.matmul_dtype == "float32"
     expected_out, expected_grads = outputs_and_gradients(keras_model)
