@@ -4,7 +4,7 @@ Run: python benchmarks/kernel_float32.py TASK [--rounds 6] [--steps 30]
      (output kept in results/kernel_float32.txt)
 
 A CPU without AVX512-BF16 or AMX trains Keras's LSTM, all in XLA. tf-emnist's LSTM kernel
-(tf_emnist/lstm_kernel.py) can run there too, its backward pass's large matmuls in float32
+(tf_emnist/lstm_kernel.py) can run there too, its large matmuls in float32
 through oneDNN (`--lstm-kernel --no-bf16-gradients`), whose float32 matmul beats XLA's dot
 at those shapes. This script measures whether the whole training step gains, on any CPU.
 The two alternate in one process, the order flipping every round, through the benchmark's

@@ -71,9 +71,12 @@ def test_the_layer_is_kerass_lstm_with_bfloat16_gradients(options):
     keras_model, ours = keras_and_ours(**options)
     expected_out, expected_grads = outputs_and_gradients(keras_model)
     out, grads = outputs_and_gradients(ours)
-    np.testing.assert_allclose(out, expected_out, atol=1e-6)  # the forward pass is float32
-    # The backward pass's large matmuls are rounded to bfloat16 (8-bit mantissa): close, not equal.
+    # The training pass's large matmuls (the input projection, three in the backward pass) are
+    # rounded to bfloat16 (8-bit mantissa): close, not equal.
+    assert 1e-6 < largest_relative_error([expected_out], [out]) < 1e-2
     assert 1e-5 < largest_relative_error(expected_grads, grads) < 3e-2
+    # Inference is Keras's float32 LSTM.
+    np.testing.assert_allclose(ours(X, training=False), keras_model(X, training=False), atol=1e-6)
 
 
 def test_the_layer_in_float32_is_kerass_lstm_with_its_gradients():

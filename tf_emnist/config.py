@@ -63,13 +63,13 @@ class TrainConfig:
     deterministic: bool = _field(False, "enable TensorFlow op determinism (slower; bit-exact reruns)")
     jit_compile: bool | None = _field(None, "compile the train step with XLA (default: on a CPU, off on a GPU, where cuDNN is faster)")
     lstm_kernel: bool | None = _field(
-        None, "train the LSTMs with tf-emnist's kernel: the recurrences in XLA, the backward pass's large matmuls "
-              "through oneDNN; the forward pass and the saved model stay Keras's float32 LSTM (default: as "
+        None, "train the LSTMs with tf-emnist's kernel: the recurrences in XLA, the large matmuls over all 28 "
+              "steps through oneDNN; inference and the saved model stay Keras's float32 LSTM (default: as "
               "--bf16-gradients)")
     bf16_gradients: bool | None = _field(
-        None, "train with the LSTM kernel, its backward-pass matmuls in bfloat16 with float32 accumulation; "
-              "with --lstm-kernel, --no-bf16-gradients runs them in float32 (default: on a CPU with AVX512-BF16 "
-              "or AMX when XLA is on)")
+        None, "train with the LSTM kernel, its large matmuls (the input projection and the backward pass's "
+              "three) in bfloat16 with float32 accumulation; with --lstm-kernel, --no-bf16-gradients runs them in "
+              "float32 (default: on a CPU with AVX512-BF16 or AMX when XLA is on)")
     mixed_precision: bool = _field(False, "train in float16 (GPU) with float32 logits and loss")
     strategy: str = _field("default", "distribution: default or mirrored (all local GPUs)")
     scale_lr: bool = _field(

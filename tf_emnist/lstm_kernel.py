@@ -7,17 +7,19 @@ pass between the two:
 
 - the two recurrences (the forward pass over the 28 steps and its backward pass) are
   compiled by XLA, in float32;
-- the input projection of all 28 steps is one float32 matmul outside XLA;
-- the three large matmuls of the backward pass run outside XLA: the input kernel's and the
-  recurrent kernel's gradients, and the gradient sent to the layer below. Each covers all
-  28 steps at once (as cuDNN and oneDNN do), so it is one matmul with 28 x batch rows, not
-  28 small ones. They run in bfloat16 with float32 accumulation (`matmul_dtype`; float32
-  when asked, which measured no clear gain over Keras's XLA step: benchmarks/kernel_float32.py).
+- the four large matmuls run outside XLA, each over all 28 steps at once (as cuDNN and
+  oneDNN do), so each is one matmul with 28 x batch rows, not 28 small ones: the forward
+  pass's input projection, and in the backward pass the input kernel's and the recurrent
+  kernel's gradients and the gradient sent to the layer below. They run in bfloat16 with
+  float32 accumulation (`matmul_dtype`; float32 when asked, which measured no clear gain
+  over Keras's XLA step: benchmarks/kernel_float32.py).
 
-The forward pass stays in float32, so the model trained is the model evaluated and
-exported. In float32 the gradients are autodiff's; in bfloat16 they are rounded to its
-8-bit mantissa. The layer is a keras.layers.LSTM with the same weights, and training saves
-a plain Keras copy (`tf_emnist.model.keras_lstm_copy`).
+In bfloat16, the training pass's input projection is rounded to bfloat16's 8-bit mantissa
+(its operands and its result), as mixed precision would round it, and so are the
+gradients. Inference is Keras's own LSTM, in float32: the model evaluated and exported is a
+plain keras.layers.LSTM with the same weights, and training saves a plain Keras copy
+(`tf_emnist.model.keras_lstm_copy`). In float32 the kernel computes Keras's forward pass
+and autodiff's gradients.
 """
 from __future__ import annotations
 
@@ -35,10 +37,11 @@ def cpu_has_bf16_matmul() -> bool:
 
 
 @functools.cache
-def lstm_function(matmul_dtype: str = "bfloat16"):
+def lstm_function(matmul_dtype: str = "bfloat16", projection_dtype: str | None = None):
     """The custom-gradient LSTM (x, h0, c0, kernel, recurrent_kernel, bias) -> (h of every step, last c).
 
-    `matmul_dtype` is the backward pass's large matmuls' ("float32" gives autodiff's gradients).
+    `matmul_dtype` is the four large matmuls' ("float32" gives Keras's forward pass and autodiff's gradients);
+    `projection_dtype`, when given, overrides it for the forward input projection (benchmarks/kernel_projection.py).
     """
     import tensorflow as tf
 
@@ -78,15 +81,15 @@ def lstm_function(matmul_dtype: str = "bfloat16"):
             d_c *= f
         return d_zs.stack(), d_h, d_c
 
-    def matmul(a, b, **transpose):
-        return tf.cast(tf.matmul(tf.cast(a, matmul_dtype), tf.cast(b, matmul_dtype), **transpose), tf.float32)
+    def matmul(a, b, dtype=matmul_dtype, **transpose):
+        return tf.cast(tf.matmul(tf.cast(a, dtype), tf.cast(b, dtype), **transpose), tf.float32)
 
     @tf.custom_gradient
     def lstm(x, h0, c0, kernel, recurrent_kernel, bias):
         """x [T, B, D] (time-major) -> (h of every step [T, B, H], c of the last step)."""
         steps, batch, width = x.shape[0], tf.shape(x)[1], x.shape[2]
         rows = tf.reshape(x, (-1, width))
-        projected = tf.reshape(tf.matmul(rows, kernel) + bias, (steps, batch, -1))
+        projected = tf.reshape(matmul(rows, kernel, projection_dtype or matmul_dtype) + bias, (steps, batch, -1))
         # The custom gradient below replaces autodiff: keep the tape out of the XLA call.
         hs, cs, gs = forward(*map(tf.stop_gradient, (projected, h0, c0, recurrent_kernel)))
 
@@ -113,7 +116,7 @@ def kernel_lstm_class():
     # Registered because Bidirectional makes its backward layer from this one's config.
     @keras.saving.register_keras_serializable(package="tf_emnist")
     class KernelLSTM(keras.layers.LSTM):
-        """A keras.layers.LSTM that trains with the kernel above; its backward pass's large matmuls in `matmul_dtype`."""
+        """A keras.layers.LSTM that trains with the kernel above; its large matmuls in `matmul_dtype`."""
 
         def __init__(self, units, matmul_dtype="bfloat16", **kwargs):
             super().__init__(units, **kwargs)

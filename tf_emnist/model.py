@@ -99,7 +99,7 @@ def use_lstm_kernel(config: TrainConfig) -> bool:
 
 
 def kernel_matmul_dtype(config: TrainConfig) -> str:
-    """The LSTM kernel's backward-pass matmuls: bfloat16 where the CPU has bfloat16 units (or when asked), else float32."""
+    """The LSTM kernel's large matmuls: bfloat16 where the CPU has bfloat16 units (or when asked), else float32."""
     bf16 = cpu_has_bf16_matmul() if config.bf16_gradients is None else config.bf16_gradients
     return "bfloat16" if bf16 else "float32"
 
@@ -107,7 +107,7 @@ def kernel_matmul_dtype(config: TrainConfig) -> str:
 def describe_lstm_training(config: TrainConfig) -> str:
     """How the LSTMs train under `config`, in words (for benchmarks and logs)."""
     if use_lstm_kernel(config):
-        return f"tf-emnist's LSTM kernel, {kernel_matmul_dtype(config)} gradient matmuls"
+        return f"tf-emnist's LSTM kernel, {kernel_matmul_dtype(config)} large matmuls"
     return "Keras's LSTM" + (", all in XLA" if use_xla(config) else "")
 
 
