@@ -13,8 +13,8 @@ own training measure (Keras fit after a warm-up).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -31,24 +31,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed training steps a measure")
     args = parser.parse_args()
 
-    from tf_emnist.bench import cpu_name, synthetic, training_samples_per_s
+    from tf_emnist.bench import alternate, cpu_name, median_ratio, synthetic, training_samples_per_s
     from tf_emnist.tasks import get_task
 
     task = get_task(args.task)
     images, labels = synthetic(10240, task.num_classes)
     print(f"CPU: {cpu_name()}; {args.task} ({task.preset.num_layers} x {task.preset.hidden_dim} LSTM), "
           f"{args.steps} steps of batch {task.preset.batch_size}, samples/s")
-    rates = {name: [] for name in VARIANTS}
-    for round_ in range(args.rounds):
-        for name in VARIANTS if round_ % 2 == 0 else reversed(VARIANTS):
-            rates[name].append(training_samples_per_s(task.preset.replace(**VARIANTS[name]), images, labels,
-                                                      steps=args.steps))
-        print(f"  round {round_ + 1}: " + ", ".join(f"{name} {r[-1]:,.0f}" for name, r in rates.items()), flush=True)
-    keras_rates, kernel_rates = rates.values()
-    ratio = statistics.median(kernel_rates) / statistics.median(keras_rates)
-    pairs = ", ".join(f"{k / x:.2f}" for x, k in zip(keras_rates, kernel_rates))
-    print(f"median: Keras {statistics.median(keras_rates):,.0f}, kernel {statistics.median(kernel_rates):,.0f}: "
-          f"{ratio:.2f}x; round by round {pairs}")
+    rates = alternate({name: functools.partial(training_samples_per_s, task.preset.replace(**options), images, labels,
+                                               steps=args.steps)
+                       for name, options in VARIANTS.items()}, args.rounds)
+    print(median_ratio(rates))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -31,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import tf_emnist.lstm_kernel as lstm_kernel
-    from tf_emnist.bench import cpu_name, synthetic, training_samples_per_s
+    from tf_emnist.bench import alternate, cpu_name, median_ratio, synthetic, training_samples_per_s
     from tf_emnist.tasks import get_task
 
     # KernelLSTM looks lstm_function up at trace time, and each measure builds a new model.
@@ -44,17 +43,14 @@ def main() -> None:
     config = task.preset.replace(lstm_kernel=True, bf16_gradients=True)
     print(f"CPU: {cpu_name()}; {args.task} ({task.preset.num_layers} x {task.preset.hidden_dim} LSTM), "
           f"{args.steps} steps of batch {task.preset.batch_size}, samples/s, by the input projection's dtype")
-    rates = {name: [] for name in VARIANTS}
-    for round_ in range(args.rounds):
-        for name in VARIANTS if round_ % 2 == 0 else reversed(VARIANTS):
-            projection["dtype"] = name
-            rates[name].append(training_samples_per_s(config, images, labels, steps=args.steps))
-        print(f"  round {round_ + 1}: " + ", ".join(f"{name} {r[-1]:,.0f}" for name, r in rates.items()), flush=True)
-    float32, bfloat16 = rates.values()
-    ratio = statistics.median(bfloat16) / statistics.median(float32)
-    pairs = ", ".join(f"{b / f:.2f}" for f, b in zip(float32, bfloat16))
-    print(f"median: float32 {statistics.median(float32):,.0f}, bfloat16 {statistics.median(bfloat16):,.0f}: "
-          f"{ratio:.2f}x; round by round {pairs}")
+
+    def measure(dtype):
+        def run():
+            projection["dtype"] = dtype
+            return training_samples_per_s(config, images, labels, steps=args.steps)
+        return run
+
+    print(median_ratio(alternate({dtype: measure(dtype) for dtype in VARIANTS}, args.rounds)))
 
 
 if __name__ == "__main__":

@@ -44,3 +44,18 @@ def test_gpu_check_script_runs_its_smoke_mode_on_a_cpu():
     for row in rows.values():
         assert all(row[f"{name}_s"] > 0 for name in ("float32_cudnn", "mixed_float16_cudnn", "float32_no_cudnn",
                                                      "mixed_float16_batch1024"))
+
+
+def test_alternate_flips_the_order_every_round_and_sums_up_the_medians(capsys):
+    from tf_emnist.bench import alternate, median_ratio
+
+    calls, figures = [], {"a": iter([100, 110, 90]), "b": iter([120, 99, 135])}
+
+    def measure(name):
+        return lambda: calls.append(name) or next(figures[name])
+
+    rates = alternate({"a": measure("a"), "b": measure("b")}, rounds=3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert rates == {"a": [100, 110, 90], "b": [120, 99, 135]}
+    assert "round 3: a 90, b 135" in capsys.readouterr().out
+    assert median_ratio(rates) == "median: a 100, b 120: 1.20x; round by round 1.20, 0.90, 1.50"

@@ -63,6 +63,26 @@ def training_samples_per_s(config: TrainConfig, images, labels, steps: int, warm
     return steps * config.batch_size / (time.perf_counter() - start)
 
 
+def alternate(measures: dict, rounds: int) -> dict[str, list[float]]:
+    """Run each of `measures` (name -> a function returning samples/s) once a round, the order flipping
+    every round so that neither side always runs first; print each round. Returns name -> its figures."""
+    rates = {name: [] for name in measures}
+    for round_ in range(rounds):
+        for name in measures if round_ % 2 == 0 else reversed(measures):
+            rates[name].append(measures[name]())
+        print(f"  round {round_ + 1}: " + ", ".join(f"{name} {r[-1]:,.0f}" for name, r in rates.items()), flush=True)
+    return rates
+
+
+def median_ratio(rates: dict[str, list[float]]) -> str:
+    """The line that sums up `alternate` over two measures: both medians, the second over the first, and
+    the same ratio round by round."""
+    (first, base), (second, other) = rates.items()
+    pairs = ", ".join(f"{b / a:.2f}" for a, b in zip(base, other))
+    return (f"median: {first} {statistics.median(base):,.0f}, {second} {statistics.median(other):,.0f}: "
+            f"{statistics.median(other) / statistics.median(base):.2f}x; round by round {pairs}")
+
+
 def inference_figures(config: TrainConfig, images, batch_size: int = 1024, repeats: int = 3) -> dict:
     """Keras predict, the exported serving function (XLA and not), the TFLite export in float32 and int8
     (dynamic-range quantization): samples/s and 1-image latency."""
