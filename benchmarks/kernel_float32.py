@@ -12,7 +12,6 @@ own training measure (Keras fit after a warm-up).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -25,14 +24,11 @@ VARIANTS = {"Keras's LSTM, all in XLA": {"lstm_kernel": False},
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("task", choices=["digit-letter", "merged"])
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=30, help="timed training steps a measure")
-    args = parser.parse_args()
-
-    from tf_emnist.bench import alternate, cpu_name, median_ratio, synthetic, training_samples_per_s
+    from tf_emnist.bench import (alternate, alternating_args, cpu_name, median_ratio, synthetic,
+                                 training_samples_per_s)
     from tf_emnist.tasks import get_task
+
+    args = alternating_args(__doc__.splitlines()[0])
 
     task = get_task(args.task)
     images, labels = synthetic(10240, task.num_classes)

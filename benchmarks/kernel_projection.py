@@ -12,7 +12,6 @@ process, the order flipping every round, through the benchmark's own training me
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -23,15 +22,12 @@ VARIANTS = ("float32", "bfloat16")  # the forward input projection's dtype
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("task", choices=["digit-letter", "merged"])
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=30, help="timed training steps a measure")
-    args = parser.parse_args()
-
     import tf_emnist.lstm_kernel as lstm_kernel
-    from tf_emnist.bench import alternate, cpu_name, median_ratio, synthetic, training_samples_per_s
+    from tf_emnist.bench import (alternate, alternating_args, cpu_name, median_ratio, synthetic,
+                                 training_samples_per_s)
     from tf_emnist.tasks import get_task
+
+    args = alternating_args(__doc__.splitlines()[0])
 
     # KernelLSTM looks lstm_function up at trace time, and each measure builds a new model.
     projection = {"dtype": None}

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tf_emnist.bench import peak_rss_mb
 
@@ -59,3 +60,12 @@ def test_alternate_flips_the_order_every_round_and_sums_up_the_medians(capsys):
     assert rates == {"a": [100, 110, 90], "b": [120, 99, 135]}
     assert "round 3: a 90, b 135" in capsys.readouterr().out
     assert median_ratio(rates) == "median: a 100, b 120: 1.20x; round by round 1.20, 0.90, 1.50"
+
+
+def test_alternating_benchmarks_read_task_rounds_and_steps():
+    from tf_emnist.bench import alternating_args
+
+    args = alternating_args("x", ["merged", "--rounds", "2"])
+    assert (args.task, args.rounds, args.steps) == ("merged", 2, 30)
+    with pytest.raises(SystemExit):
+        alternating_args("x", ["balanced"])

@@ -63,6 +63,17 @@ def training_samples_per_s(config: TrainConfig, images, labels, steps: int, warm
     return steps * config.batch_size / (time.perf_counter() - start)
 
 
+def alternating_args(description: str, argv=None):
+    """The command line of a benchmark that alternates training variants: TASK, --rounds, --steps."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("task", choices=["digit-letter", "merged"])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=30, help="timed training steps a measure")
+    return parser.parse_args(argv)
+
+
 def alternate(measures: dict, rounds: int) -> dict[str, list[float]]:
     """Run each of `measures` (name -> a function returning samples/s) once a round, the order flipping
     every round so that neither side always runs first; print each round. Returns name -> its figures."""
