@@ -8,8 +8,8 @@ Run: python benchmarks/cpu_ceiling.py [--rounds 4]   (output kept in results/cpu
    2 * 4h * (inputs + h) multiply-adds per step and layer, 28 steps.
 3. Training the study's merged model (Keras fit, as `train` runs it): Keras's LSTM with
    the whole step in XLA, against tf-emnist's LSTM kernel (tf_emnist/lstm_kernel.py) with
-   its large matmuls in float32, then in bfloat16 (the default on CPUs
-   with AVX512-BF16 or AMX).
+   its large matmuls in float32, then in bfloat16 (the default on CPUs whose
+   bfloat16 matmuls measure faster: tf_emnist.lstm_kernel.bf16_matmul_pays).
 """
 from __future__ import annotations
 

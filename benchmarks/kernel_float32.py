@@ -1,9 +1,10 @@
-"""Training on a CPU without bfloat16 units: Keras's LSTM all in XLA against tf-emnist's kernel in float32.
+"""Training on a CPU without fast bfloat16 matmuls: Keras's LSTM all in XLA against tf-emnist's kernel in float32.
 
 Run: python benchmarks/kernel_float32.py TASK [--rounds 6] [--steps 30]
-     (output kept in results/kernel_float32.txt)
+     (output kept in results/kernel_float32.txt, AMD EPYC, and results/kernel_float32-intel.txt)
 
-A CPU without AVX512-BF16 or AMX trains Keras's LSTM, all in XLA. tf-emnist's LSTM kernel
+A CPU without fast bfloat16 matmuls (no AVX512-BF16 or AMX, or slow ones: `bf16_matmul_pays`)
+trains Keras's LSTM, all in XLA. tf-emnist's LSTM kernel
 (tf_emnist/lstm_kernel.py) can run there too, its large matmuls in float32
 through oneDNN (`--lstm-kernel --no-bf16-gradients`), whose float32 matmul beats XLA's dot
 at those shapes. This script measures whether the whole training step gains, on any CPU.

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from tests.test_train import TINY, run_cli
 from tf_emnist.config import TrainConfig
-from tf_emnist.lstm_kernel import kernel_lstm_class, lstm_function
+from tf_emnist.lstm_kernel import bf16_matmul_pays, bf16_matmul_speedup, kernel_lstm_class, lstm_function
 from tf_emnist.model import build_model, compile_model, custom_objects, kernel_matmul_dtype, use_lstm_kernel
 
 RNG = np.random.default_rng(0)
@@ -95,8 +95,8 @@ def test_the_layer_falls_back_to_keras_where_the_kernel_does_not_apply():
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_the_kernel_is_the_default_only_on_a_cpu_with_bfloat16_units(monkeypatch):
-    monkeypatch.setattr("tf_emnist.model.cpu_has_bf16_matmul", lambda: True)
+def test_the_kernel_is_the_default_only_where_bfloat16_matmuls_pay(monkeypatch):
+    monkeypatch.setattr("tf_emnist.model.bf16_matmul_pays", lambda: True)
     assert use_lstm_kernel(TrainConfig()) and kernel_matmul_dtype(TrainConfig()) == "bfloat16"
     assert not use_lstm_kernel(TrainConfig(jit_compile=False))
     assert not use_lstm_kernel(TrainConfig(mixed_precision=True))
@@ -104,11 +104,34 @@ def test_the_kernel_is_the_default_only_on_a_cpu_with_bfloat16_units(monkeypatch
     assert not use_lstm_kernel(TrainConfig(bf16_gradients=False))  # Keras's LSTM, all in XLA, as before
     config = TrainConfig(lstm_kernel=True, bf16_gradients=False)
     assert use_lstm_kernel(config) and kernel_matmul_dtype(config) == "float32"
-    monkeypatch.setattr("tf_emnist.model.cpu_has_bf16_matmul", lambda: False)
+    monkeypatch.setattr("tf_emnist.model.bf16_matmul_pays", lambda: False)
     assert not use_lstm_kernel(TrainConfig())
     assert kernel_matmul_dtype(TrainConfig(lstm_kernel=True)) == "float32"
     assert use_lstm_kernel(TrainConfig(bf16_gradients=True, jit_compile=False))
     assert kernel_matmul_dtype(TrainConfig(bf16_gradients=True)) == "bfloat16"
+
+
+def test_bfloat16_pays_only_with_bfloat16_units_and_a_measured_gain(monkeypatch):
+    def no_probe():
+        raise AssertionError("the probe ran on a CPU without bfloat16 units")
+
+    monkeypatch.setattr("tf_emnist.lstm_kernel.cpu_has_bf16_matmul", lambda: False)
+    monkeypatch.setattr("tf_emnist.lstm_kernel.bf16_matmul_speedup", no_probe)
+    assert not bf16_matmul_pays()
+    monkeypatch.setattr("tf_emnist.lstm_kernel.cpu_has_bf16_matmul", lambda: True)
+    for speedup, pays in ((0.75, False), (1.1, False), (1.9, True)):  # Intel Xeon without AMX; AMD EPYC
+        monkeypatch.setattr("tf_emnist.lstm_kernel.bf16_matmul_speedup", lambda: speedup)
+        assert bf16_matmul_pays() is pays
+
+
+def test_the_probe_times_both_dtypes_and_remembers_its_answer(monkeypatch):
+    calls = []
+    real_matmul = tf.matmul
+    monkeypatch.setattr(tf, "matmul", lambda a, b: calls.append(a.dtype) or real_matmul(a, b))
+    speedup = bf16_matmul_speedup(64, 32, 128, rounds=2)
+    assert 0 < speedup < 100
+    assert calls.count(tf.float32) == calls.count(tf.bfloat16) == 3
+    assert bf16_matmul_speedup(64, 32, 128, rounds=2) == speedup and len(calls) == 6
 
 
 def test_bf16_gradients_without_the_kernel_is_a_clear_error():

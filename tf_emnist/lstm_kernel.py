@@ -1,9 +1,10 @@
-"""A faster LSTM training pass for CPUs with bfloat16 matmul units (AVX512-BF16 or AMX).
+"""A faster LSTM training pass for CPUs whose bfloat16 matmuls are fast.
 
 Under XLA, every matmul of the LSTM runs in float32: XLA's CPU back end has no faster
-bfloat16 dot. TensorFlow's own MatMul runs bfloat16 through oneDNN at 1.5-1.8x its float32
-rate on such a CPU (`python benchmarks/cpu_ceiling.py`). This kernel splits the training
-pass between the two:
+bfloat16 dot. TensorFlow's own MatMul runs bfloat16 through oneDNN at 1.5-1.9x its float32
+rate on an AMD EPYC with AVX512-BF16 (`python benchmarks/cpu_ceiling.py`), but at 0.4-0.8x
+on an Intel Xeon with AVX512-BF16 and no AMX: whether it pays is measured, once a process
+(`bf16_matmul_pays`). This kernel splits the training pass between the two:
 
 - the two recurrences (the forward pass over the 28 steps and its backward pass) are
   compiled by XLA, in float32;
@@ -24,6 +25,13 @@ and autodiff's gradients.
 from __future__ import annotations
 
 import functools
+import math
+import time
+
+
+# bfloat16 over float32 for TensorFlow's MatMul: 1.9x on an AMD EPYC (Zen 4), 0.75x on an Intel
+# Xeon (family 6, model 207) whose hypervisor shows AVX512-BF16 but not AMX.
+BF16_MIN_SPEEDUP = 1.3
 
 
 def cpu_has_bf16_matmul() -> bool:
@@ -34,6 +42,32 @@ def cpu_has_bf16_matmul() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.cache
+def bf16_matmul_speedup(rows: int = 7168, inner: int = 256, cols: int = 1024, rounds: int = 3) -> float:
+    """TensorFlow's MatMul in bfloat16 over float32, the best of `rounds` alternating, at a kernel shape.
+
+    The default shape is merged's forward input projection: 28 steps x 256 images by 256 by
+    4 x 256 gates. It takes about a quarter of a second, once a process.
+    """
+    import tensorflow as tf
+
+    a = tf.random.stateless_normal([rows, inner], seed=[0, 1])
+    b = tf.random.stateless_normal([inner, cols], seed=[0, 2])
+    operands = {dtype: (tf.cast(a, dtype), tf.cast(b, dtype)) for dtype in ("float32", "bfloat16")}
+    best = dict.fromkeys(operands, math.inf)
+    for _ in range(rounds + 1):  # the first round warms oneDNN up
+        for dtype, (x, y) in operands.items():
+            start = time.perf_counter()
+            tf.matmul(x, y)  # eager on the CPU: returns once computed
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best["float32"] / best["bfloat16"]
+
+
+def bf16_matmul_pays() -> bool:
+    """Whether the kernel's matmuls run faster in bfloat16 here: bfloat16 units, measured at least 1.3x float32."""
+    return cpu_has_bf16_matmul() and bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
 
 
 @functools.cache

@@ -5,7 +5,7 @@ import functools
 import math
 
 from tf_emnist.config import TrainConfig
-from tf_emnist.lstm_kernel import cpu_has_bf16_matmul, kernel_lstm_class
+from tf_emnist.lstm_kernel import bf16_matmul_pays, bf16_matmul_speedup, cpu_has_bf16_matmul, kernel_lstm_class
 
 TIME_STEPS = FEATURES = 28
 
@@ -84,8 +84,9 @@ def use_xla(config: TrainConfig) -> bool:
 def use_lstm_kernel(config: TrainConfig) -> bool:
     """Whether the LSTMs train with tf_emnist.lstm_kernel.
 
-    Default: on a CPU with bfloat16 units, with XLA on and no mixed precision. In float32
-    the kernel measured 0.94-1.01x Keras's XLA step on digit-letter and 0.99-1.10x on merged
+    Default: on a CPU whose bfloat16 matmuls measure faster than its float32 ones
+    (`bf16_matmul_pays`), with XLA on and no mixed precision. In float32 the kernel measured
+    0.94-1.10x Keras's XLA step on digit-letter and 0.99-1.19x on merged, on two CPUs
     (`python benchmarks/kernel_float32.py TASK`), no clear gain, so other CPUs keep Keras's.
     """
     import tensorflow as tf
@@ -95,12 +96,12 @@ def use_lstm_kernel(config: TrainConfig) -> bool:
     if config.bf16_gradients is not None:
         return config.bf16_gradients
     return (use_xla(config) and not config.mixed_precision and not tf.config.list_logical_devices("GPU")
-            and cpu_has_bf16_matmul())
+            and bf16_matmul_pays())
 
 
 def kernel_matmul_dtype(config: TrainConfig) -> str:
-    """The LSTM kernel's large matmuls: bfloat16 where the CPU has bfloat16 units (or when asked), else float32."""
-    bf16 = cpu_has_bf16_matmul() if config.bf16_gradients is None else config.bf16_gradients
+    """The LSTM kernel's large matmuls: bfloat16 where that measures faster (or when asked), else float32."""
+    bf16 = bf16_matmul_pays() if config.bf16_gradients is None else config.bf16_gradients
     return "bfloat16" if bf16 else "float32"
 
 
@@ -108,7 +109,11 @@ def describe_lstm_training(config: TrainConfig) -> str:
     """How the LSTMs train under `config`, in words (for benchmarks and logs)."""
     if use_lstm_kernel(config):
         return f"tf-emnist's LSTM kernel, {kernel_matmul_dtype(config)} large matmuls"
-    return "Keras's LSTM" + (", all in XLA" if use_xla(config) else "")
+    words = "Keras's LSTM" + (", all in XLA" if use_xla(config) else "")
+    chosen_by_probe = config.lstm_kernel is None and config.bf16_gradients is None and use_xla(config)
+    if chosen_by_probe and not config.mixed_precision and cpu_has_bf16_matmul():
+        words += f" (this CPU's bfloat16 matmul measured {bf16_matmul_speedup():.2f}x its float32 one)"
+    return words
 
 
 REFERENCE_BATCH = 256  # the study's batch, which its learning rate was chosen for
