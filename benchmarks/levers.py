@@ -4,7 +4,7 @@ Run: python benchmarks/levers.py [--tasks digit-letter merged] [--rounds 3]
 
 Each lever is a variant of the study preset's model on synthetic EMNIST-shaped data. The
 default and the variant alternate `rounds` times and the best rate of each is printed,
-with the ratio. These are the experiments behind the README's "what did not help" list;
+with the ratio. These are the experiments behind docs/performance.md's "other levers" table;
 the ones that helped are already the defaults (XLA for training and serving).
 """
 from __future__ import annotations
