@@ -1,6 +1,8 @@
 """Training end to end on fake NIST files: CLI train -> evaluate, resume, run-dir safety, bad input."""
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -23,7 +25,8 @@ def run_cli(*args):
         return e.code
 
 
-def test_cli_train_then_evaluate_end_to_end(nist_dir, tmp_path, capsys):
+def test_cli_train_then_evaluate_end_to_end(nist_dir, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="tf_emnist")
     run = tmp_path / "run"
     assert run_cli("train", "--task", "merged", "--data-dir", nist_dir, "--output", run, "--epochs", 2, *TINY) == 0
     for name in ("config.json", "model.keras", "metrics.json", "history.csv", "steps.csv", "train_state.json",
@@ -46,6 +49,7 @@ def test_cli_train_then_evaluate_end_to_end(nist_dir, tmp_path, capsys):
     # The per-step batch loss lives in steps.csv, not among the epoch columns.
     assert list(history[0]) == ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"]
     assert "test accuracy" in capsys.readouterr().out
+    assert re.search(r"LSTM training: (Keras's LSTM|tf-emnist's LSTM kernel)", caplog.text)
 
     (run / "metrics.json").unlink()
     assert run_cli("evaluate", run) == 0

@@ -209,7 +209,8 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
     import tensorflow as tf
 
     from tf_emnist.data import load_split, make_dataset, split_validation
-    from tf_emnist.model import build_model, compile_model, keras_lstm_copy, with_grouped_output
+    from tf_emnist.model import (build_model, compile_model, describe_lstm_training, keras_lstm_copy,
+                                 with_grouped_output)
     from tf_emnist.model import steps_per_epoch as count_steps
 
     task = get_task(config.task)
@@ -237,8 +238,9 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
                             upright=config.upright, augment=config.augment)
     val_ds = make_dataset(images, labels, global_batch, training=False, indices=val_idx, upright=config.upright)
     steps = count_steps(len(train_idx), global_batch)
-    log.info("%s: %d train / %d validation images, %d steps an epoch, %d replica(s)",
-             task.name, len(train_idx), len(val_idx), steps, strategy.num_replicas_in_sync)
+    log.info("%s: %d train / %d validation images, %d steps an epoch, %d replica(s); LSTM training: %s",
+             task.name, len(train_idx), len(val_idx), steps, strategy.num_replicas_in_sync,
+             describe_lstm_training(config))
 
     outputs = len(task.source_chars) if config.fine_labels else task.num_classes
     with strategy.scope():
