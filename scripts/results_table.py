@@ -30,7 +30,7 @@ for task in ("merged", "digit-letter"):
               f"| {torch['test_accuracy']:.2%} | {errors:,} | {torch['train_s'] / 60:.1f} min |")
     for run, label in ((f"study-{task}", "tf-emnist, study preset (Keras LSTM, all XLA, float32)"),
                        (f"study-{task}-bf16", "tf-emnist, study preset, `--bf16-gradients`"),
-                       (f"study-{task}-bf16-projection", "tf-emnist, study preset, the default on this CPU"),
+                       (f"study-{task}-bf16-projection", "tf-emnist, study preset, the default on the AMD EPYC (the bfloat16 kernel)"),
                        (f"tuned-{task}", "tf-emnist, tuned (`tune` best, 7 epochs)"),
                        (f"best-{task}", "tf-emnist, `--preset best`")):
         metrics = load(os.path.join(run, "metrics.json"))
