@@ -3,7 +3,8 @@
 Run: python benchmarks/cpu_ceiling.py [--rounds 4]   (output kept in results/cpu_ceiling.txt)
 
 1. A plain float32 matmul at the LSTM's shapes (batch 512: one half of the serving batch)
-   and at 4096^3, XLA and not: the most this CPU does with TensorFlow.
+   and at 4096^3, XLA and not: the most this CPU does with TensorFlow. When PyTorch is
+   installed, torch.mm at the same shapes too: the matmul library the yardstick trains on.
 2. The exported serving function (XLA, batch 1024 in two halves) in GFLOP/s, counting
    2 * 4h * (inputs + h) multiply-adds per step and layer, 28 steps.
 3. Training the study's merged model (Keras fit, as `train` runs it): Keras's LSTM with
@@ -48,6 +49,21 @@ def matmul_gflops(m: int, k: int, n: int, jit: bool, dtype: str = "float32") -> 
     return 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9
 
 
+def torch_matmul_gflops(m: int, k: int, n: int) -> float | None:
+    """PyTorch's float32 torch.mm at the same shape, timed as above; None without PyTorch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    repeats = max(3, int(2e10 / (2 * m * k * n)))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9
+
+
 def training_rates(task, images, labels, rounds: int) -> dict:
     """Training samples/s of the merged preset with Keras's LSTM under XLA and with tf-emnist's kernel."""
     from tf_emnist.bench import training_samples_per_s
@@ -75,11 +91,16 @@ def main() -> None:
 
     task = get_task("merged")
     print(f"CPU: {cpu_name()}; merged preset ({task.preset.num_layers} x {task.preset.hidden_dim} LSTM)")
-    for shape in ((512, 28, 1024), (512, 256, 1024), (512, 512, 1024), (14336, 256, 1024), (4096, 4096, 4096)):
+    # Batch 256 is a training step's recurrence (forward, then backward); batch 512 half a serving batch.
+    shapes = ((256, 256, 1024), (256, 1024, 256), (512, 28, 1024), (512, 256, 1024), (512, 512, 1024),
+              (14336, 256, 1024), (4096, 4096, 4096))
+    for shape in shapes:
+        torch_rate = torch_matmul_gflops(*shape)
         print(f"  matmul {'x'.join(map(str, shape)):>16}: XLA {matmul_gflops(*shape, True):4.0f} GFLOP/s, "
               f"plain {matmul_gflops(*shape, False):4.0f} GFLOP/s, "
               f"XLA bfloat16 {matmul_gflops(*shape, True, 'bfloat16'):4.0f} GFLOP/s, "
-              f"plain bfloat16 (oneDNN) {matmul_gflops(*shape, False, 'bfloat16'):4.0f} GFLOP/s", flush=True)
+              f"plain bfloat16 (oneDNN) {matmul_gflops(*shape, False, 'bfloat16'):4.0f} GFLOP/s"
+              + (f", PyTorch float32 {torch_rate:4.0f} GFLOP/s" if torch_rate else ""), flush=True)
 
     flops = lstm_flops_per_sample(task.preset, task.num_classes)
     images, labels = synthetic(10240, task.num_classes)

@@ -5,7 +5,9 @@ Starts two workers on 127.0.0.1, each with its TF_CONFIG, as TensorFlow's multi-
 Keras tutorial does. Each builds tf-emnist's model (a tiny merged-task config) in the
 strategy's scope and fits 2 epochs of 4 steps on the same synthetic data. Training works
 when both workers finish with the same weights. Prints the verdict, and otherwise the
-error each worker raised. Exits 0 when it works, 1 when it does not. Bounded by --timeout.
+error each worker raised. Exits 0 when it works, 1 when it does not. Bounded by --timeout,
+and once a worker has ended without training, the other gets 20 s more to fail too: it may
+instead wait for ever on its dead peer.
 
 Usage: python scripts/multi_worker_check.py [--timeout 180]
 """
@@ -15,10 +17,12 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+FAILED_PEER_GRACE_S = 20  # how long the other worker may take to fail too, once one has ended without training
 
 
 def worker(index: int, ports: list[int]) -> None:
@@ -60,6 +64,12 @@ def worker(index: int, ports: list[int]) -> None:
     print(json.dumps({"replicas": strategy.num_replicas_in_sync, "checksum": checksum}), flush=True)
 
 
+def read(log) -> str:
+    """All a worker has written so far to its log file."""
+    log.seek(0)
+    return log.read()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,17 +91,25 @@ def main() -> int:
 
     print(f"Keras {keras.__version__}, TensorFlow {tf.__version__}: two workers on 127.0.0.1", flush=True)
     ports = ",".join(str(free_port()) for _ in range(2))
+    start = time.monotonic()
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    logs = [tempfile.TemporaryFile("w+") for _ in range(2)]  # files, not pipes: a chatty worker can't block
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(i), "--ports", ports], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+                              stdout=log, stderr=subprocess.STDOUT, text=True) for i, log in enumerate(logs)]
     deadline = time.monotonic() + args.timeout
+    while any(proc.poll() is None for proc in procs) and time.monotonic() < deadline:
+        if any(proc.poll() is not None and '"checksum"' not in read(log) for proc, log in zip(procs, logs)):
+            # One worker ended without training: the other may wait for its collectives for ever.
+            deadline = min(deadline, time.monotonic() + FAILED_PEER_GRACE_S)
+        time.sleep(0.2)
     outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-        except subprocess.TimeoutExpired:
+    for proc, log in zip(procs, logs):
+        if proc.poll() is None:
             proc.kill()
-            outputs.append(proc.communicate()[0] + f"\nstill running after {args.timeout:.0f} s (killed)")
+            proc.wait()
+            outputs.append(read(log) + f"\nstill running after {time.monotonic() - start:.0f} s (killed)")
+        else:
+            outputs.append(read(log))
     results, failed = [], 0
     for i, (proc, out) in enumerate(zip(procs, outputs)):
         reports = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
