@@ -32,7 +32,7 @@ def main() -> None:
     # KernelLSTM looks lstm_function up at trace time, and each measure builds a new model.
     projection = {"dtype": None}
     kernel_function = lstm_kernel.lstm_function
-    lstm_kernel.lstm_function = lambda matmul_dtype: kernel_function(matmul_dtype, projection["dtype"])
+    lstm_kernel.lstm_function = lambda matmul_dtype, **options: kernel_function(matmul_dtype, projection["dtype"], **options)
 
     task = get_task(args.task)
     images, labels = synthetic(10240, task.num_classes)

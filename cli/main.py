@@ -291,11 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
                        help="force XLA on or off for training (default: as training does)")
     bench.add_argument("--bf16-gradients", action=argparse.BooleanOptionalAction, default=None,
-                       help="force the bf16-gradient LSTM kernel on or off; off is what a CPU without fast "
-                            "bfloat16 matmuls trains with (default: as training does)")
-    bench.add_argument("--lstm-kernel", action=argparse.BooleanOptionalAction, default=None,
-                       help="force the LSTM kernel on or off; with --no-bf16-gradients, the kernel in float32 "
+                       help="force the LSTM kernel's large matmuls into bfloat16 or float32 "
                             "(default: as training does)")
+    bench.add_argument("--lstm-kernel", action=argparse.BooleanOptionalAction, default=None,
+                       help="force the LSTM kernel on or off (off: Keras's LSTM, all in XLA; "
+                            "default: as training does)")
     bench.add_argument("--output", metavar="JSON", help="write the figures here")
     bench.set_defaults(func=cmd_bench)
 

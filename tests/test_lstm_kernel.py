@@ -42,8 +42,11 @@ def largest_relative_error(expected, got):
     return max(float(tf.reduce_max(tf.abs(a - b)) / tf.reduce_max(tf.abs(a))) for a, b in zip(expected, got))
 
 
-def test_the_kernel_in_float32_gives_autodiffs_gradients():
-    """lstm_function('float32') against the Keras LSTM it replaces, with a non-zero initial state."""
+@pytest.mark.parametrize("halves", [True, False])
+def test_the_kernel_in_float32_gives_autodiffs_gradients(halves):
+    """lstm_function('float32') against the Keras LSTM it replaces, with a non-zero initial state.
+
+    With `halves`, a batch of 5 runs its recurrences as halves of 2 and 3."""
     keras_lstm = keras.layers.LSTM(6, return_sequences=True, return_state=True)
     h0, c0 = (tf.constant(RNG.normal(size=(5, 6)), tf.float32) for _ in range(2))
     keras_lstm(X, initial_state=[h0, c0])
@@ -57,7 +60,7 @@ def test_the_kernel_in_float32_gives_autodiffs_gradients():
         tape.watch(inputs)
         hs, _, c_last = keras_lstm(X, initial_state=[h0, c0])
         expected = loss(hs, c_last)
-        ours_hs, ours_c = lstm_function("float32")(tf.transpose(X, (1, 0, 2)), h0, c0, *weights)
+        ours_hs, ours_c = lstm_function("float32", halves=halves)(tf.transpose(X, (1, 0, 2)), h0, c0, *weights)
         ours = loss(tf.transpose(ours_hs, (1, 0, 2)), ours_c)
     np.testing.assert_allclose(ours, expected, rtol=1e-5)
     assert largest_relative_error(tape.gradient(expected, inputs), tape.gradient(ours, inputs)) < 1e-5
@@ -95,18 +98,17 @@ def test_the_layer_falls_back_to_keras_where_the_kernel_does_not_apply():
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_the_kernel_is_the_default_only_where_bfloat16_matmuls_pay(monkeypatch):
+def test_the_kernel_is_the_cpu_default_its_matmuls_in_bfloat16_only_where_that_pays(monkeypatch):
     monkeypatch.setattr("tf_emnist.model.bf16_matmul_pays", lambda: True)
     assert use_lstm_kernel(TrainConfig()) and kernel_matmul_dtype(TrainConfig()) == "bfloat16"
     assert not use_lstm_kernel(TrainConfig(jit_compile=False))
     assert not use_lstm_kernel(TrainConfig(mixed_precision=True))
-    assert not use_lstm_kernel(TrainConfig(lstm_kernel=False))
-    assert not use_lstm_kernel(TrainConfig(bf16_gradients=False))  # Keras's LSTM, all in XLA, as before
-    config = TrainConfig(lstm_kernel=True, bf16_gradients=False)
+    assert not use_lstm_kernel(TrainConfig(lstm_kernel=False))  # Keras's LSTM, all in XLA
+    config = TrainConfig(bf16_gradients=False)
     assert use_lstm_kernel(config) and kernel_matmul_dtype(config) == "float32"
     monkeypatch.setattr("tf_emnist.model.bf16_matmul_pays", lambda: False)
-    assert not use_lstm_kernel(TrainConfig())
-    assert kernel_matmul_dtype(TrainConfig(lstm_kernel=True)) == "float32"
+    assert use_lstm_kernel(TrainConfig()) and kernel_matmul_dtype(TrainConfig()) == "float32"
+    assert not use_lstm_kernel(TrainConfig(jit_compile=False))
     assert use_lstm_kernel(TrainConfig(bf16_gradients=True, jit_compile=False))
     assert kernel_matmul_dtype(TrainConfig(bf16_gradients=True)) == "bfloat16"
 

@@ -63,14 +63,14 @@ class TrainConfig:
     deterministic: bool = _field(False, "enable TensorFlow op determinism (slower; bit-exact reruns)")
     jit_compile: bool | None = _field(None, "compile the train step with XLA (default: on a CPU, off on a GPU, where cuDNN is faster)")
     lstm_kernel: bool | None = _field(
-        None, "train the LSTMs with tf-emnist's kernel: the recurrences in XLA, the large matmuls over all 28 "
-              "steps through oneDNN; inference and the saved model stay Keras's float32 LSTM (default: as "
-              "--bf16-gradients)")
+        None, "train the LSTMs with tf-emnist's kernel: the recurrences in XLA over two half-batches side by "
+              "side, the large matmuls over all 28 steps through oneDNN; inference and the saved model stay "
+              "Keras's float32 LSTM; --no-lstm-kernel trains Keras's LSTM, all in XLA (default: on a CPU, with "
+              "XLA on and no mixed precision)")
     bf16_gradients: bool | None = _field(
         None, "train with the LSTM kernel, its large matmuls (the input projection and the backward pass's "
-              "three) in bfloat16 with float32 accumulation; with --lstm-kernel, --no-bf16-gradients runs them in "
-              "float32 (default: when XLA is on, on a CPU whose bfloat16 matmuls measure at least 1.3x its float32 "
-              "ones, timed once a process)")
+              "three) in bfloat16 with float32 accumulation; --no-bf16-gradients runs them in float32 (default: "
+              "on a CPU whose bfloat16 matmuls measure at least 1.3x its float32 ones, timed once a process)")
     mixed_precision: bool = _field(False, "train in float16 (GPU) with float32 logits and loss")
     strategy: str = _field("default", "distribution: default or mirrored (all local GPUs)")
     scale_lr: bool = _field(

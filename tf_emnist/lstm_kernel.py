@@ -1,4 +1,4 @@
-"""A faster LSTM training pass for CPUs whose bfloat16 matmuls are fast.
+"""A faster LSTM training pass for CPUs, in bfloat16 where its matmuls are fast.
 
 Under XLA, every matmul of the LSTM runs in float32: XLA's CPU back end has no faster
 bfloat16 dot. TensorFlow's own MatMul runs bfloat16 through oneDNN at 1.5-1.9x its float32
@@ -7,13 +7,13 @@ on an Intel Xeon with AVX512-BF16 and no AMX: whether it pays is measured, once 
 (`bf16_matmul_pays`). This kernel splits the training pass between the two:
 
 - the two recurrences (the forward pass over the 28 steps and its backward pass) are
-  compiled by XLA, in float32;
+  compiled by XLA, in float32, each run as two launches over the two halves of the batch,
+  side by side (`BATCH_HALVES`);
 - the four large matmuls run outside XLA, each over all 28 steps at once (as cuDNN and
   oneDNN do), so each is one matmul with 28 x batch rows, not 28 small ones: the forward
   pass's input projection, and in the backward pass the input kernel's and the recurrent
   kernel's gradients and the gradient sent to the layer below. They run in bfloat16 with
-  float32 accumulation (`matmul_dtype`; float32 when asked, which measured no clear gain
-  over Keras's XLA step: benchmarks/kernel_float32.py).
+  float32 accumulation where that measures faster (`matmul_dtype`), else in float32.
 
 In bfloat16, the training pass's input projection is rounded to bfloat16's 8-bit mantissa
 (its operands and its result), as mixed precision would round it, and so are the
@@ -32,6 +32,11 @@ import time
 # bfloat16 over float32 for TensorFlow's MatMul near the probe's shape: 1.9x on an AMD EPYC with AVX512-BF16,
 # 0.59-0.75x on an Intel Xeon (family 6, model 207) whose hypervisor shows AVX512-BF16 but not AMX.
 BF16_MIN_SPEEDUP = 1.3
+# Run each recurrence as two half-batch XLA launches, which TensorFlow's executor runs side by
+# side. On 2 cores TensorFlow's threads scale poorly over one small matmul (a step's 256 x 256 x
+# 1,024: 1.25-1.4x one thread, where MKL's threads reach 1.9x): halves trained the float32 kernel
+# at 1.21x (digit-letter) and 1.05x (merged) one launch on an Intel Xeon (benchmarks/kernel_float32.py).
+BATCH_HALVES = True
 
 
 def cpu_has_bf16_matmul() -> bool:
@@ -72,11 +77,12 @@ def bf16_matmul_pays() -> bool:
 
 
 @functools.cache
-def lstm_function(matmul_dtype: str = "bfloat16", projection_dtype: str | None = None):
+def lstm_function(matmul_dtype: str = "bfloat16", projection_dtype: str | None = None, halves: bool = True):
     """The custom-gradient LSTM (x, h0, c0, kernel, recurrent_kernel, bias) -> (h of every step, last c).
 
     `matmul_dtype` is the four large matmuls' ("float32" gives Keras's forward pass and autodiff's gradients);
-    `projection_dtype`, when given, overrides it for the forward input projection (benchmarks/kernel_projection.py).
+    `projection_dtype`, when given, overrides it for the forward input projection (benchmarks/kernel_projection.py);
+    `halves` runs each recurrence as two independent launches over the two halves of the batch.
     """
     import tensorflow as tf
 
@@ -125,19 +131,25 @@ def lstm_function(matmul_dtype: str = "bfloat16", projection_dtype: str | None =
         steps, batch, width = x.shape[0], tf.shape(x)[1], x.shape[2]
         rows = tf.reshape(x, (-1, width))
         projected = tf.reshape(matmul(rows, kernel, projection_dtype or matmul_dtype) + bias, (steps, batch, -1))
+        parts = [slice(None, batch // 2), slice(batch // 2, None)] if halves else [slice(None)]
         # The custom gradient below replaces autodiff: keep the tape out of the XLA call.
-        hs, cs, gs = forward(*map(tf.stop_gradient, (projected, h0, c0, recurrent_kernel)))
+        projected, h0_, c0_, w = map(tf.stop_gradient, (projected, h0, c0, recurrent_kernel))
+        forwards = [forward(projected[:, part], h0_[part], c0_[part], w) for part in parts]
+        hs = tf.concat([hs for hs, _, _ in forwards], 1)
+        c_last = tf.concat([cs[-1] for _, cs, _ in forwards], 0)
 
         def grad(d_hs, d_c_last):
             d_c_last = tf.zeros_like(c0) if d_c_last is None else d_c_last
-            d_zs, d_h0, d_c0 = backward(d_hs, d_c_last, cs, gs, c0, recurrent_kernel)
+            backwards = [backward(d_hs[:, part], d_c_last[part], cs, gs, c0[part], recurrent_kernel)
+                         for part, (_, cs, gs) in zip(parts, forwards)]
+            d_zs, d_h0, d_c0 = (tf.concat(parts_, axis) for parts_, axis in zip(zip(*backwards), (1, 0, 0)))
             d_z = tf.reshape(d_zs, (-1, d_zs.shape[-1]))
             h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], 0), (-1, hs.shape[-1]))
             d_x = tf.reshape(matmul(d_z, kernel, transpose_b=True), tf.shape(x))
             return (d_x, d_h0, d_c0, matmul(rows, d_z, transpose_a=True),
                     matmul(h_prev, d_z, transpose_a=True), tf.reduce_sum(d_z, 0))
 
-        return (hs, cs[-1]), grad
+        return (hs, c_last), grad
 
     return lstm
 
@@ -170,7 +182,8 @@ def kernel_lstm_class():
             x = tf.transpose(sequences, (1, 0, 2))
             if self.go_backwards:
                 x = tf.reverse(x, [0])
-            hs, c_last = lstm_function(self.matmul_dtype)(x, *initial_state, cell.kernel.value, cell.recurrent_kernel.value, cell.bias.value)
+            lstm = lstm_function(self.matmul_dtype, halves=BATCH_HALVES)
+            hs, c_last = lstm(x, *initial_state, cell.kernel.value, cell.recurrent_kernel.value, cell.bias.value)
             # Keras's layout: batch-major, in the order the steps were processed.
             return hs[-1], tf.transpose(hs, (1, 0, 2)), [hs[-1], c_last]
 

@@ -84,19 +84,18 @@ def use_xla(config: TrainConfig) -> bool:
 def use_lstm_kernel(config: TrainConfig) -> bool:
     """Whether the LSTMs train with tf_emnist.lstm_kernel.
 
-    Default: on a CPU whose bfloat16 matmuls measure faster than its float32 ones
-    (`bf16_matmul_pays`), with XLA on and no mixed precision. In float32 the kernel measured
-    0.94-1.10x Keras's XLA step on digit-letter and 0.99-1.19x on merged, on two CPUs
-    (`python benchmarks/kernel_float32.py TASK`), no clear gain, so other CPUs keep Keras's.
+    Default: on a CPU, with XLA on and no mixed precision; its large matmuls in bfloat16
+    where that measures faster (`kernel_matmul_dtype`). In float32, with its recurrences in
+    two half-batch launches, it trained at 1.32x Keras's XLA step on digit-letter and 1.16x
+    on merged on an Intel Xeon (`python benchmarks/kernel_float32.py TASK`).
     """
     import tensorflow as tf
 
     if config.lstm_kernel is not None:
         return config.lstm_kernel
-    if config.bf16_gradients is not None:
-        return config.bf16_gradients
-    return (use_xla(config) and not config.mixed_precision and not tf.config.list_logical_devices("GPU")
-            and bf16_matmul_pays())
+    if config.bf16_gradients:
+        return True
+    return use_xla(config) and not config.mixed_precision and not tf.config.list_logical_devices("GPU")
 
 
 def kernel_matmul_dtype(config: TrainConfig) -> str:
@@ -107,11 +106,11 @@ def kernel_matmul_dtype(config: TrainConfig) -> str:
 
 def describe_lstm_training(config: TrainConfig) -> str:
     """How the LSTMs train under `config`, in words (for benchmarks and logs)."""
-    if use_lstm_kernel(config):
-        return f"tf-emnist's LSTM kernel, {kernel_matmul_dtype(config)} large matmuls"
-    words = "Keras's LSTM" + (", all in XLA" if use_xla(config) else "")
-    chosen_by_probe = config.lstm_kernel is None and config.bf16_gradients is None and use_xla(config)
-    if chosen_by_probe and not config.mixed_precision and cpu_has_bf16_matmul():
+    if not use_lstm_kernel(config):
+        return "Keras's LSTM" + (", all in XLA" if use_xla(config) else "")
+    dtype = kernel_matmul_dtype(config)
+    words = f"tf-emnist's LSTM kernel, {dtype} large matmuls"
+    if config.bf16_gradients is None and dtype == "float32" and cpu_has_bf16_matmul():
         words += f" (this CPU's bfloat16 matmul measured {bf16_matmul_speedup():.2f}x its float32 one)"
     return words
 
