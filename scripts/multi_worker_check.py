@@ -93,7 +93,9 @@ def main() -> int:
     ports = ",".join(str(free_port()) for _ in range(2))
     start = time.monotonic()
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    logs = [tempfile.TemporaryFile("w+") for _ in range(2)]  # files, not pipes: a chatty worker can't block
+    # Files, not pipes, so that a chatty worker can't block. Appending: the worker shares the
+    # file's offset, which read() moves.
+    logs = [tempfile.TemporaryFile("a+") for _ in range(2)]
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(i), "--ports", ports], env=env,
                               stdout=log, stderr=subprocess.STDOUT, text=True) for i, log in enumerate(logs)]
     deadline = time.monotonic() + args.timeout
