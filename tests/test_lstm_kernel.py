@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from tests.test_train import TINY, run_cli
 from tf_emnist.config import TrainConfig
-from tf_emnist.lstm_kernel import bf16_matmul_pays, bf16_matmul_speedup, kernel_lstm_class, lstm_function
+from tf_emnist.lstm_kernel import bf16_matmul_pays, bf16_matmul_speedup, kernel_lstm_class, lstm_in_parts
 from tf_emnist.model import build_model, compile_model, custom_objects, kernel_matmul_dtype, use_lstm_kernel
 
 RNG = np.random.default_rng(0)
@@ -44,7 +44,7 @@ def largest_relative_error(expected, got):
 
 @pytest.mark.parametrize("halves", [True, False])
 def test_the_kernel_in_float32_gives_autodiffs_gradients(halves):
-    """lstm_function('float32') against the Keras LSTM it replaces, with a non-zero initial state.
+    """The kernel in float32 against the Keras LSTM it replaces, with a non-zero initial state.
 
     With `halves`, a batch of 5 runs its recurrences as halves of 2 and 3."""
     keras_lstm = keras.layers.LSTM(6, return_sequences=True, return_state=True)
@@ -53,15 +53,14 @@ def test_the_kernel_in_float32_gives_autodiffs_gradients(halves):
     weights = [w.value for w in keras_lstm.weights]  # kernel, recurrent kernel, bias
     inputs = [X, h0, c0, *weights]
 
-    def loss(hs, c_last):  # hs: batch-major for Keras, time-major for the kernel
+    def loss(hs, c_last):
         return tf.reduce_sum(tf.sin(3 * hs)) + tf.reduce_sum(tf.cos(c_last))
 
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(inputs)
         hs, _, c_last = keras_lstm(X, initial_state=[h0, c0])
         expected = loss(hs, c_last)
-        ours_hs, ours_c = lstm_function("float32", halves=halves)(tf.transpose(X, (1, 0, 2)), h0, c0, *weights)
-        ours = loss(tf.transpose(ours_hs, (1, 0, 2)), ours_c)
+        ours = loss(*lstm_in_parts(X, h0, c0, *weights, "float32", halves=halves))
     np.testing.assert_allclose(ours, expected, rtol=1e-5)
     assert largest_relative_error(tape.gradient(expected, inputs), tape.gradient(ours, inputs)) < 1e-5
 
