@@ -38,15 +38,20 @@ def load_revision(rev: str):
 
 def in_parts_of(module):
     """`lstm_in_parts` as the revision computes it: its own, or its time-major `lstm_function` with halves."""
-    if hasattr(module, "lstm_in_parts"):
-        return module.lstm_in_parts
     import tensorflow as tf
+
+    if hasattr(module, "lstm_in_parts"):
+        def three_outputs(*args, **kwargs):  # (hs, c_last) at 0c70d5f; (last h, hs, c_last) since
+            outputs = module.lstm_in_parts(*args, **kwargs)
+            return outputs if len(outputs) == 3 else (outputs[0][:, -1], *outputs)
+
+        return three_outputs
 
     def lstm_in_parts(sequences, h0, c0, kernel, recurrent_kernel, bias, matmul_dtype="bfloat16", halves=True):
         options = {"halves": halves} if "halves" in inspect.signature(module.lstm_function).parameters else {}
         lstm = module.lstm_function(matmul_dtype, **options)
         hs, c_last = lstm(tf.transpose(sequences, (1, 0, 2)), h0, c0, kernel, recurrent_kernel, bias)
-        return tf.transpose(hs, (1, 0, 2)), c_last
+        return hs[-1], tf.transpose(hs, (1, 0, 2)), c_last
 
     return lstm_in_parts
 

@@ -162,23 +162,26 @@ def lstm_function(matmul_dtype: str = "bfloat16", projection_dtype: str | None =
 
 def lstm_in_parts(sequences, h0, c0, kernel, recurrent_kernel, bias, matmul_dtype: str = "bfloat16",
                   halves: bool = True):
-    """The kernel's LSTM over batch-major sequences [B, T, D] -> (h of every step [B, T, H], last c).
+    """The kernel's LSTM over batch-major sequences [B, T, D] -> (last h, h of every step [B, T, H], last c).
 
     With `halves`, each half of the batch runs as its own LSTM (`lstm_function`), and TensorFlow's
     executor runs the two side by side: their XLA recurrences and their large matmuls. On 2 cores
     TensorFlow's threads scale poorly over one small matmul, so two launches keep both cores busier
     than one (`BATCH_HALVES`). The halves are slices of the batch-major input, which share its
-    buffer, and each half's weight gradients add up in autodiff.
+    buffer, and autodiff adds up the two halves' weight gradients.
     """
     import tensorflow as tf
 
     lstm = lstm_function(matmul_dtype)
     batch = tf.shape(sequences)[0]
-    parts = [slice(None, batch // 2), slice(batch // 2, None)] if halves else [slice(None)]
-    outputs = [lstm(tf.transpose(sequences[part], (1, 0, 2)), h0[part], c0[part], kernel, recurrent_kernel, bias)
-               for part in parts]
+    sizes = [batch // 2, batch - batch // 2] if halves else [batch]
+    # tf.split, not slices: its gradient is one concat, where each slice's would be a zero-filled
+    # batch-sized tensor, and autodiff would add them up.
+    parts = zip(*(tf.split(a, sizes) for a in (sequences, h0, c0)))
+    outputs = [lstm(tf.transpose(x, (1, 0, 2)), h0_, c0_, kernel, recurrent_kernel, bias) for x, h0_, c0_ in parts]
     hs = tf.concat([tf.transpose(hs, (1, 0, 2)) for hs, _ in outputs], 0)
-    return hs, tf.concat([c_last for _, c_last in outputs], 0)
+    last_h = tf.concat([hs[-1] for hs, _ in outputs], 0)  # from the time-major outputs: a layer may use only it
+    return last_h, hs, tf.concat([c_last for _, c_last in outputs], 0)
 
 
 @functools.cache
@@ -208,10 +211,11 @@ def kernel_lstm_class():
                 return super().inner_loop(sequences, initial_state, mask, training)
             if self.go_backwards:
                 sequences = tf.reverse(sequences, [1])
-            hs, c_last = lstm_in_parts(sequences, *initial_state, cell.kernel.value, cell.recurrent_kernel.value,
-                                       cell.bias.value, self.matmul_dtype, halves=BATCH_HALVES)
+            last_h, hs, c_last = lstm_in_parts(sequences, *initial_state, cell.kernel.value,
+                                               cell.recurrent_kernel.value, cell.bias.value, self.matmul_dtype,
+                                               halves=BATCH_HALVES)
             # Keras's layout: batch-major, in the order the steps were processed.
-            return hs[:, -1], hs, [hs[:, -1], c_last]
+            return last_h, hs, [last_h, c_last]
 
     return KernelLSTM
 
