@@ -7,8 +7,8 @@ on an Intel Xeon with AVX512-BF16 and no AMX: whether it pays is measured, once 
 (`bf16_matmul_pays`). This kernel splits the training pass between the two:
 
 - the two recurrences (the forward pass over the 28 steps and its backward pass) are
-  compiled by XLA, in float32, each run as two launches over the two halves of the batch,
-  side by side (`BATCH_HALVES`);
+  compiled by XLA, in float32; each half of the batch runs as its own LSTM, and the two run
+  side by side (`BATCH_HALVES`, `lstm_in_parts`);
 - the four large matmuls run outside XLA, each over all 28 steps at once (as cuDNN and
   oneDNN do), so each is one matmul with 28 x batch rows, not 28 small ones: the forward
   pass's input projection, and in the backward pass the input kernel's and the recurrent
@@ -20,7 +20,7 @@ In bfloat16, the training pass's input projection is rounded to bfloat16's 8-bit
 gradients. Inference is Keras's own LSTM, in float32: the model evaluated and exported is a
 plain keras.layers.LSTM with the same weights, and training saves a plain Keras copy
 (`tf_emnist.model.keras_lstm_copy`). In float32 the kernel computes Keras's forward pass
-and autodiff's gradients.
+and autodiff's gradients, to float32 rounding (its sigmoid is computed through tanh).
 """
 from __future__ import annotations
 
@@ -32,10 +32,10 @@ import time
 # bfloat16 over float32 for TensorFlow's MatMul near the probe's shape: 1.9x on an AMD EPYC with AVX512-BF16,
 # 0.59-0.75x on an Intel Xeon (family 6, model 207) whose hypervisor shows AVX512-BF16 but not AMX.
 BF16_MIN_SPEEDUP = 1.3
-# Run each recurrence as two half-batch XLA launches, which TensorFlow's executor runs side by
-# side. On 2 cores TensorFlow's threads scale poorly over one small matmul (a step's 256 x 256 x
-# 1,024: 1.25-1.4x one thread, where MKL's threads reach 1.9x): halves trained the float32 kernel
-# at 1.21x (digit-letter) and 1.05x (merged) one launch on an Intel Xeon (benchmarks/kernel_float32.py).
+# Run each half of the batch as its own LSTM, which TensorFlow's executor runs side by side. On 2
+# cores TensorFlow's threads scale poorly over one small matmul (a step's 256 x 256 x 1,024: 1.25-1.4x
+# one thread, where MKL's threads reach 1.9x): halves trained the float32 kernel at 1.21x
+# (digit-letter) and 1.05x (merged) one launch on an Intel Xeon (benchmarks/kernel_float32.py).
 BATCH_HALVES = True
 
 
