@@ -6,9 +6,10 @@ Run: python benchmarks/kernel_float32.py TASK [--rounds 6] [--steps 30]
 A CPU without fast bfloat16 matmuls (no AVX512-BF16 or AMX, or slow ones: `bf16_matmul_pays`)
 trains tf-emnist's LSTM kernel (tf_emnist/lstm_kernel.py) with its large matmuls in float32,
 through oneDNN. This script measures it against Keras's LSTM all in XLA (`--no-lstm-kernel`,
-the default until the fifteenth session), and the kernel's recurrences as one launch over the
-whole batch against two half-batch launches side by side (`lstm_kernel.BATCH_HALVES`, the
-default). The variants alternate in one process, the order flipping every round, through the
+the default until the fifteenth session), and the kernel over the whole batch at once against
+each half of the batch as its own LSTM, side by side (`lstm_kernel.BATCH_HALVES`, the
+default; "one launch" and "halves" below, the names they had when halves split only the
+recurrences). The variants alternate in one process, the order flipping every round, through the
 benchmark's own training measure (Keras fit after a warm-up).
 """
 from __future__ import annotations

@@ -63,10 +63,10 @@ class TrainConfig:
     deterministic: bool = _field(False, "enable TensorFlow op determinism (slower; bit-exact reruns)")
     jit_compile: bool | None = _field(None, "compile the train step with XLA (default: on a CPU, off on a GPU, where cuDNN is faster)")
     lstm_kernel: bool | None = _field(
-        None, "train the LSTMs with tf-emnist's kernel: the recurrences in XLA over two half-batches side by "
-              "side, the large matmuls over all 28 steps through oneDNN; inference and the saved model stay "
-              "Keras's float32 LSTM; --no-lstm-kernel trains Keras's LSTM, all in XLA (default: on a CPU, with "
-              "XLA on and no mixed precision)")
+        None, "train the LSTMs with tf-emnist's kernel: each half of the batch as its own LSTM, side by side, "
+              "the recurrences in XLA, the large matmuls over all 28 steps through oneDNN; inference and the "
+              "saved model stay Keras's float32 LSTM; --no-lstm-kernel trains Keras's LSTM, all in XLA "
+              "(default: on a CPU, with XLA on and no mixed precision)")
     bf16_gradients: bool | None = _field(
         None, "train with the LSTM kernel, its large matmuls (the input projection and the backward pass's "
               "three) in bfloat16 with float32 accumulation; --no-bf16-gradients runs them in float32 (default: "

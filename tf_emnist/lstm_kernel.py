@@ -174,8 +174,8 @@ def lstm_in_parts(sequences, h0, c0, kernel, recurrent_kernel, bias, matmul_dtyp
 
     With `halves`, each half of the batch runs as its own LSTM (`lstm_function`), and TensorFlow's
     executor runs the two side by side: their XLA recurrences and their large matmuls. On 2 cores
-    TensorFlow's threads scale poorly over one small matmul, so two launches keep both cores busier
-    than one (`BATCH_HALVES`). Each half has its own input projection and large matmuls, so no
+    TensorFlow's threads scale poorly over one small matmul, so two halves keep both cores busier
+    than one batch (`BATCH_HALVES`). Each half has its own input projection and large matmuls, so no
     batch-sized tensor is sliced or stitched inside the kernel, and autodiff adds up the two
     halves' weight gradients.
     """
