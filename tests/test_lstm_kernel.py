@@ -46,7 +46,7 @@ def largest_relative_error(expected, got):
 def test_the_kernel_in_float32_gives_autodiffs_gradients(halves):
     """The kernel in float32 against the Keras LSTM it replaces, with a non-zero initial state.
 
-    With `halves`, a batch of 5 runs its recurrences as halves of 2 and 3."""
+    With `halves`, a batch of 5 runs as two LSTMs, over halves of 2 and 3."""
     keras_lstm = keras.layers.LSTM(6, return_sequences=True, return_state=True)
     h0, c0 = (tf.constant(RNG.normal(size=(5, 6)), tf.float32) for _ in range(2))
     keras_lstm(X, initial_state=[h0, c0])

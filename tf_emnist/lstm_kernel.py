@@ -188,8 +188,9 @@ def lstm_in_parts(sequences, h0, c0, kernel, recurrent_kernel, bias, matmul_dtyp
     # batch-sized tensor, and autodiff would add them up.
     parts = zip(*(tf.split(a, sizes) for a in (sequences, h0, c0)))
     outputs = [lstm(tf.transpose(x, (1, 0, 2)), h0_, c0_, kernel, recurrent_kernel, bias) for x, h0_, c0_ in parts]
-    hs = tf.concat([tf.transpose(hs, (1, 0, 2)) for hs, _ in outputs], 0)
-    last_h = tf.concat([hs[-1] for hs, _ in outputs], 0)  # from the time-major outputs: a layer may use only it
+    hs = tf.concat([tf.transpose(part_hs, (1, 0, 2)) for part_hs, _ in outputs], 0)
+    # The last h from the time-major outputs: a layer that returns only it leaves hs unused.
+    last_h = tf.concat([part_hs[-1] for part_hs, _ in outputs], 0)
     return last_h, hs, tf.concat([c_last for _, c_last in outputs], 0)
 
 

@@ -85,9 +85,9 @@ def use_lstm_kernel(config: TrainConfig) -> bool:
     """Whether the LSTMs train with tf_emnist.lstm_kernel.
 
     Default: on a CPU, with XLA on and no mixed precision; its large matmuls in bfloat16
-    where that measures faster (`kernel_matmul_dtype`). In float32 it trained at 1.50x
-    Keras's XLA step on digit-letter and 1.30x on merged on an Intel Xeon (`tf-emnist bench`,
-    results/bench-16th-session-intel.txt).
+    where that measures faster (`kernel_matmul_dtype`). In float32 it trained at 1.50-1.60x
+    Keras's XLA step on digit-letter and 1.30-1.32x on merged on an Intel Xeon (`tf-emnist
+    bench`, results/bench-16th-session-intel*.txt).
     """
     import tensorflow as tf
 
