@@ -1,6 +1,6 @@
 """Process-wide runtime settings against the defaults, for serving and training on this CPU.
 
-Run: python benchmarks/runtime_settings.py {threads,xla} [--tasks merged] [--rounds 3]
+Run: python benchmarks/runtime_settings.py {threads,xla,xla-fusions} [--tasks merged] [--rounds 3]
 
 TensorFlow sizes its thread pools and XLA reads XLA_FLAGS once per process, so each setting
 runs in a child process. The groups:
@@ -13,6 +13,8 @@ runs in a child process. The groups:
   `--xla_dump_to` and left out because this TensorFlow build ignores them for our
   graphs: `--xla_cpu_use_onednn=true` (no oneDNN in the optimized HLO; the wheel's XLA is
   built without it) and `--xla_cpu_experimental_xnn_fusion_type=dot` (no XNNPACK fusion).
+- xla-fusions: XLA's experimental hand-offs to XNNPACK and YNNPACK: XNNPACK's graph fusion
+  (with and without its cost model), and both libraries' dot and element-wise fusions.
 
 The settings alternate `rounds` times. Each child prints the serving rate of the exported
 function at batch 1024, the training rate of `fit`, and the serving logits of a fixed
@@ -43,6 +45,14 @@ GROUPS = {
         "512-bit vectors": (0, 0, "--xla_cpu_prefer_vector_width=512"),
         "fast math": (0, 0, "--xla_cpu_enable_fast_math=true"),
         "512-bit vectors, fast math": (0, 0, "--xla_cpu_prefer_vector_width=512 --xla_cpu_enable_fast_math=true"),
+    },
+    "xla-fusions": {
+        "default": (0, 0, ""),
+        "XNNPACK graph fusion": (0, 0, "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"),
+        "XNNPACK graph, no cost model": (
+            0, 0, "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_BYPASS_COST_MODEL"),
+        "XNNPACK dot, eltwise": (0, 0, "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise"),
+        "YNNPACK dot, eltwise": (0, 0, "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise"),
     },
 }
 
