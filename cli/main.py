@@ -132,7 +132,7 @@ def cmd_tune(args) -> int:
 def cmd_export(args) -> int:
     from tf_emnist.export import export_model
 
-    path = export_model(args.sources, args.output, version=args.version, force=args.force, jit_compile=args.xla,
+    path = export_model(args.sources, args.output, version=args.version, force=args.force, jit_compile=args.jit_compile,
                         format=args.format, quantize=args.quantize)
     print(path)
     return 0
@@ -258,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", default="saved_models", help="export root (default: saved_models)")
     export.add_argument("--version", type=int, help="version number (default: the next free one)")
     export.add_argument("--force", action="store_true", help="replace an existing version")
-    export.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
-                        help="XLA-compile the serving function (default on: faster on CPUs)")
+    export.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="mark the serving function for XLA (default off: the export loads anywhere, "
+                             "TensorFlow Serving included; `tf-emnist serve` compiles with XLA in-process anyway)")
     export.add_argument("--format", choices=FORMATS, default="savedmodel",
                         help="savedmodel (default), or tflite: OUTPUT/<task>-tflite/<version>/model.tflite, "
                              "built-in ops only, any batch size; from run directories")

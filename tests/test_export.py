@@ -141,7 +141,7 @@ def test_ensemble_export_averages_its_models_and_nests(run_dir, other_runs, tmp_
     singles = [probabilities(export_model(r, str(tmp_path / "single"), jit_compile=False), images)
                for r in (run_dir, *other_runs)]
 
-    assert run_cli("export", run_dir, other_runs[0], "--output", tmp_path / "pair", "--no-xla") == 0
+    assert run_cli("export", run_dir, other_runs[0], "--output", tmp_path / "pair", "--no-jit-compile") == 0
     pair = str(tmp_path / "pair" / "merged" / "1")
     np.testing.assert_allclose(probabilities(pair, images), (singles[0] + singles[1]) / 2, atol=1e-5)
     members = json.load(open(os.path.join(pair, "assets.extra", "ensemble.json")))["members"]

@@ -17,8 +17,23 @@ SHIPPED = {f"{task}/{version}": os.path.join(ROOT, task, version)  # e.g. "merge
            for version in sorted(os.listdir(os.path.join(ROOT, task))) if version.isdigit()}
 
 
-def test_a_merged_model_ships_in_each_format():
-    assert "merged/1" in SHIPPED and "merged-tflite/1" in SHIPPED
+def test_one_merged_model_ships_in_each_format():
+    assert [task_of(name) + ("-tflite" if "tflite" in name else "") for name in SHIPPED] == ["merged-tflite", "merged"]
+
+
+@pytest.mark.parametrize("name", [name for name in sorted(SHIPPED) if "tflite" not in name])
+def test_shipped_savedmodel_is_portable(name):
+    from tf_emnist.export import xla_functions
+
+    assert xla_functions(SHIPPED[name]) == []  # TensorFlow Serving runs it without XLA
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_model_holds_no_path_of_the_machine_that_made_it(name):
+    for folder, _, files in os.walk(os.path.join(SHIPPED[name], "assets.extra")):
+        for file in files:
+            text = open(os.path.join(folder, file)).read()
+            assert os.sep not in text, f"{file} names a path"
 
 
 def task_of(name: str) -> str:

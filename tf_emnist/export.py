@@ -1,15 +1,17 @@
 """SavedModel (TF Serving layout) and TFLite export with a raw-image serving signature; ensembles of exports."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from tf_emnist.config import TrainConfig
-from tf_emnist.files import atomic_path, read_json, write_json
+from tf_emnist.files import exchange_paths, pid_alive, read_json, remove_stale_temporaries, write_json
 from tf_emnist.tasks import Task, get_task
 from tf_emnist.training import MODEL, load_run
 
@@ -26,12 +28,17 @@ TFLITE_FILE = "model.tflite"
 # activations batch by batch (int8 matmuls); "float16" halves the file and computes in float32.
 QUANTIZATIONS = ("none", "dynamic", "float16")
 EXPORT_INFO = "export.json"  # in EXTRA: the format and quantization of the export
+CLAIM = ".claim"  # task_dir/.<version>.claim: a running export holds this version (its pid inside)
+
+
+class ExportError(ValueError):
+    """An export cannot be written where asked (message: one line)."""
 # Signature name -> whether it takes images in the NIST/tfds stored orientation.
 SIGNATURES = {"serve": False, "serve_stored": True}
 
 
 def make_serving_function(model, class_names, config: TrainConfig, *, stored_orientation: bool = False,
-                          jit_compile: bool = True, split: bool = True):
+                          jit_compile: bool = False, split: bool = True):
     """A tf.function: uint8 images [N, 28, 28] -> logits, probabilities, class_ids, characters.
 
     Images are upright (rows are the character's rows, light ink on dark, as EMNIST shows
@@ -209,7 +216,7 @@ class Source:
     def config(self) -> TrainConfig:
         return self.configs[0]
 
-    def serving_function(self, stored_orientation: bool, jit_compile: bool = True):
+    def serving_function(self, stored_orientation: bool, jit_compile: bool = False):
         """images=uint8 [N, 28, 28] -> a dict with logits, probabilities, class_ids, characters."""
         if self.saved_model is not None:
             return self.saved_model.signatures["serve_stored" if stored_orientation else "serving_default"]
@@ -249,13 +256,120 @@ def load_source(path: str | os.PathLike) -> Source:
 
 
 def next_version(task_dir: str) -> int:
-    """1 + the highest integer version folder in task_dir (1 when there is none)."""
-    versions = [int(name) for name in os.listdir(task_dir) if name.isdigit()] if os.path.isdir(task_dir) else []
+    """1 + the highest integer version in task_dir, written or claimed by a running export (1 when none)."""
+    names = os.listdir(task_dir) if os.path.isdir(task_dir) else []
+    versions = [int(name) for name in names if name.isdigit()]
+    versions += [int(name[1:-len(CLAIM)]) for name in names
+                 if name.startswith(".") and name.endswith(CLAIM) and name[1:-len(CLAIM)].isdigit()]
     return max(versions, default=0) + 1
 
 
+@contextlib.contextmanager
+def claim_version(task_dir: str, version: int | None, force: bool):
+    """Claim task_dir/<version> for one export; yield (target, a temporary folder to fill).
+
+    The claim is a file `.<version>.claim` created exclusively, so concurrent exports get
+    distinct versions (or, for one explicit version, a clear error). On success the folder
+    is renamed into place; with `force` it is swapped with the old version in one step
+    where the platform allows it, so the path always holds a complete model.
+    """
+    if version is not None and version < 1:
+        raise ValueError(f"version must be a positive integer, got {version}")
+    try:
+        os.makedirs(task_dir, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create {task_dir} ({e.strerror}); choose another --output") from None
+    _remove_stale_claims(task_dir)
+    while True:
+        number = next_version(task_dir) if version is None else version
+        target, claim = os.path.join(task_dir, str(number)), os.path.join(task_dir, f".{number}{CLAIM}")
+        if os.path.exists(target) and not force:
+            if version is None:
+                continue
+            raise ExportError(f"{target} already exists; pass --force to replace it or --version N for another version")
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if version is None:
+                continue  # another export took this number first: take the next
+            raise ExportError(f"{target} is being written by another export (see {claim}); "
+                              "wait for it, or choose another --version") from None
+        except OSError as e:
+            raise ExportError(f"cannot write in {task_dir} ({e.strerror}); choose another --output") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    tmp = None
+    try:
+        remove_stale_temporaries(target)
+        tmp = tempfile.mkdtemp(prefix=f".{number}.tmp-{os.getpid()}-", dir=task_dir)
+        yield target, tmp
+        os.chmod(tmp, 0o755)
+        if os.path.exists(target):
+            if not exchange_paths(tmp, target):  # no atomic swap here: old aside, new in, at once
+                os.replace(target, tmp + ".old")
+                os.replace(tmp, target)
+                tmp = tmp + ".old"
+        else:
+            os.replace(tmp, target)
+            tmp = None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        os.remove(claim)
+
+
+def _remove_stale_claims(task_dir: str) -> None:
+    for name in os.listdir(task_dir):
+        if name.startswith(".") and name.endswith(CLAIM):
+            path = os.path.join(task_dir, name)
+            try:
+                with open(path) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                continue
+            if pid and not pid_alive(pid):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+
+
+def _write_extra(folder: str, loaded: list, paths: list[str], task: Task, format: str, quantize: str) -> None:
+    """assets.extra/: config.json, labels.txt, export.json, and for an ensemble ensemble.json (sources by name)."""
+    extra = os.path.join(folder, EXTRA)
+    os.makedirs(extra, exist_ok=True)
+    configs = [portable_config(config) for source in loaded for config in source.configs]
+    write_json(os.path.join(extra, "config.json"), configs[0])
+    write_json(os.path.join(extra, EXPORT_INFO), {"format": format,
+                                                   **({"quantize": quantize} if format == "tflite" else {})})
+    if len(configs) > 1:
+        write_json(os.path.join(extra, ENSEMBLE), {"members": configs,
+                                                   "sources": [os.path.basename(os.path.normpath(p)) for p in paths]})
+    with open(os.path.join(extra, "labels.txt"), "w") as f:
+        f.write("\n".join(task.class_names) + "\n")
+
+
+def portable_config(config: TrainConfig) -> dict:
+    """A run's config as an export records it: data folders by name only, no path of this machine."""
+    values = config.to_dict()
+    for name in ("data_dir", "tfds_dir"):
+        if values.get(name):
+            values[name] = os.path.basename(os.path.normpath(values[name]))
+    return values
+
+
+def xla_functions(path: str | os.PathLike) -> list[str]:
+    """Names of the functions in a SavedModel that must be XLA-compiled to run (empty for a portable export)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    return [function.signature.name for graph in proto.meta_graphs for function in graph.graph_def.library.function
+            if function.attr["_XlaMustCompile"].b]
+
+
 def export_model(sources, output_root: str = "saved_models", *, version: int | None = None,
-                 force: bool = False, jit_compile: bool = True, format: str = "savedmodel",
+                 force: bool = False, jit_compile: bool = False, format: str = "savedmodel",
                  quantize: str = "none") -> str:
     """Export a run's model, or an ensemble, to output_root/<task>/<version>/ as a SavedModel; returns its path.
 
@@ -263,9 +377,12 @@ def export_model(sources, output_root: str = "saved_models", *, version: int | N
     models are averaged (see make_ensemble_function). Signatures: `serving_default`
     (upright uint8 images) and `serve_stored` (NIST/tfds orientation). The class names and
     the training config travel in assets.extra/ (an ensemble's: the first model's in
-    config.json, every model's in ensemble.json). Written to a hidden temporary folder and
-    renamed, so a server never sees half a model; an existing version is replaced only with
-    `force`.
+    config.json, every model's in ensemble.json, with data folders and sources by name).
+
+    The export is portable: no function in it needs XLA, so it loads wherever SavedModels
+    load (TensorFlow Serving included). `jit_compile=True` marks the numeric part for XLA,
+    for users who serve it in-process only. See `claim_version` for how concurrent exports
+    and `force` stay safe.
 
     `format="tflite"` writes output_root/<task>-tflite/<version>/model.tflite instead, with
     the same assets.extra/ (see `convert_to_tflite`); its sources must be run directories.
@@ -294,34 +411,14 @@ def export_model(sources, output_root: str = "saved_models", *, version: int | N
             raise ValueError(f"{source.path} is a TFLite export, which cannot join a SavedModel; "
                              "list its run directories instead")
     task_dir = os.path.join(output_root, task.name + ("-tflite" if format == "tflite" else ""))
-    version = next_version(task_dir) if version is None else version
-    if version < 1:
-        raise ValueError(f"version must be a positive integer, got {version}")
-    target = os.path.join(task_dir, str(version))
-    if os.path.exists(target) and not force:
-        raise FileExistsError(f"{target} already exists; pass --force to replace it or --version N for another version")
-
-    with atomic_path(target, directory=True) as tmp:
+    with claim_version(task_dir, version, force) as (target, tmp):
         if format == "tflite":
+            log.info("converting to TFLite (%s quantization)", quantize)
             with open(os.path.join(tmp, TFLITE_FILE), "wb") as f:
                 f.write(convert_to_tflite(loaded, task.class_names, quantize))
         else:
             _build_archive(loaded, task, jit_compile).write_out(tmp, verbose=False)
-        extra = os.path.join(tmp, EXTRA)
-        os.makedirs(extra, exist_ok=True)
-        configs = [config for source in loaded for config in source.configs]
-        write_json(os.path.join(extra, "config.json"), configs[0].to_dict())
-        write_json(os.path.join(extra, EXPORT_INFO), {"format": format,
-                                                       **({"quantize": quantize} if format == "tflite" else {})})
-        if len(configs) > 1:
-            write_json(os.path.join(extra, ENSEMBLE), {"members": [c.to_dict() for c in configs],
-                                                       "sources": [os.path.abspath(p) for p in paths]})
-        with open(os.path.join(extra, "labels.txt"), "w") as f:
-            f.write("\n".join(task.class_names) + "\n")
-        if os.path.exists(target):  # --force: move the old version aside only once the new one is complete
-            trash = f"{tmp}.old"
-            os.replace(target, trash)
-            shutil.rmtree(trash)
+        _write_extra(tmp, loaded, paths, task, format, quantize)
     log.info("exported %s to %s", " + ".join(paths), target)
     return target
 

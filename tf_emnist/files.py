@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
+import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 
@@ -18,7 +21,8 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False):
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    prefix = f".{os.path.basename(path)}.tmp-"
+    remove_stale_temporaries(path)
+    prefix = f".{os.path.basename(path)}.tmp-{os.getpid()}-"
     if directory:
         tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     else:
@@ -36,6 +40,50 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False):
         elif os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> None:
+    """Delete the temporaries of `path` that a killed process left (their pid is in the name)."""
+    path = os.fspath(path)
+    pattern = os.path.join(os.path.dirname(os.path.abspath(path)), f".{glob.escape(os.path.basename(path))}.tmp-*")
+    for tmp in glob.glob(pattern):
+        pid = os.path.basename(tmp).rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (or cannot be told): never treat it as stale
+    return True
+
+
+def exchange_paths(a: str, b: str) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported.
+
+    A reader sees either the old or the new entry at each path, never neither.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return result == 0
 
 
 def _umask() -> int:
