@@ -18,6 +18,8 @@ setup(
         "matplotlib>=3.7",
         "numpy",
         "pillow",
+        "scipy",
+        "scikit-image",
     ],
     extras_require={
         "test": ["pytest>=8"],

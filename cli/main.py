@@ -7,9 +7,11 @@ import logging
 import os
 import sys
 
+import numpy as np
+
 from tf_emnist.config import FIELDS, TrainConfig, coerce, read_config_file
 
-EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED = 1, 2, 130  # 1: some inputs were skipped, the rest answered
 
 
 class Parser(argparse.ArgumentParser):
@@ -26,6 +28,16 @@ def _typed(name: str):
 
     parse.__name__ = FIELDS[name].type.split(" |")[0]
     return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -139,25 +151,39 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from tf_emnist.predict import ImageError, Predictor, read_inputs
+    from tf_emnist.predict import ImageError, Predictor, describe, read_inputs
 
     predictor = Predictor(args.model)
     results, failed = [], 0
     for path in args.inputs:
         try:
-            images = read_inputs(path)
+            characters = read_inputs(path, segment=args.segment)
         except ImageError as e:
             print(f"{args.prog}: skipped {e}", file=sys.stderr)
             failed += 1
             continue
-        for i, top in enumerate(predictor.top_k(images, args.top_k)):
-            name = path if len(images) == 1 else f"{path}[{i}]"
-            results.append({"input": name, "top": [{"character": c, "probability": p} for c, p in top]})
-            if not args.json:
-                print(f"{name}: " + "  ".join(f"{c} {p:.1%}" for c, p in top))
+        top = predictor.top_k(np.stack([c.image for c in characters]), args.top_k)
+        if path.endswith(".npy"):  # one answer per array
+            answers = [describe(f"{path}[{i}]" if len(top) > 1 else path, [c], [t], False)
+                       for i, (c, t) in enumerate(zip(characters, top))]
+        else:
+            answers = [describe(path, characters, top, args.segment)]
+        results += answers
+        if not args.json:
+            for answer in answers:
+                print(_predict_line(answer))
     if args.json:
         print(json.dumps(results, indent=2))
-    return 1 if failed else 0
+    return EXIT_PARTIAL if failed else 0
+
+
+def _predict_line(answer: dict) -> str:
+    def ranked(top):
+        return "  ".join(f"{t['character']} {t['probability']:.1%}" for t in top)
+
+    if "text" in answer:
+        return f"{answer['input']}: {answer['text']!r}  (" + " | ".join(ranked(c["top"]) for c in answer["characters"]) + ")"
+    return f"{answer['input']}: {ranked(answer['top'])}"
 
 
 def cmd_bench(args) -> int:
@@ -275,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "character, any size, dark on light or light on dark.")
     predict.add_argument("model")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE")
-    predict.add_argument("--top-k", type=int, default=3, help="characters to show per image (default 3)")
+    predict.add_argument("--top-k", type=_positive_int, default=3, help="characters to show per image (default 3)")
+    predict.add_argument("--segment", action="store_true",
+                         help="each image holds a line of characters written apart: answer the string, left to right")
     predict.add_argument("--json", action="store_true", help="machine-readable output")
     predict.set_defaults(func=cmd_predict, prog="tf-emnist predict")
 

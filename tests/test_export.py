@@ -10,7 +10,8 @@ from cli.main import main
 from tests.conftest import write_nist_folder
 from tf_emnist.config import TrainConfig
 from tf_emnist.export import export_model
-from tf_emnist.predict import emnist_like, read_inputs
+from tf_emnist.predict import read_inputs
+from tf_emnist.preprocess import preprocess
 from tf_emnist.training import load_run, train
 
 
@@ -271,7 +272,7 @@ def draw_glyph() -> np.ndarray:
     """An EMNIST-like 28x28 upright 'A', light on dark."""
     canvas = Image.new("L", (120, 120), 0)
     ImageDraw.Draw(canvas).text((25, 10), "A", fill=255, font_size=90)
-    return emnist_like(np.asarray(canvas))
+    return preprocess(np.asarray(canvas))
 
 
 def save_png(array: np.ndarray, path) -> str:
@@ -292,7 +293,7 @@ def test_preprocessing_makes_variants_look_like_the_28x28_array(tmp_path):
         "larger_canvas_off_centre.png": 255 - off_centre,
     }
     for name, array in variants.items():
-        seen = read_inputs(save_png(array, tmp_path / name))[0]
+        seen = read_inputs(save_png(array, tmp_path / name))[0].image
         difference = np.abs(seen.astype(int) - base.astype(int)).mean()
         assert difference < 12, (name, difference)
 

@@ -8,7 +8,8 @@ from tf_emnist.evaluate import compute_metrics, evaluate_run, predict_logits
 from tf_emnist.export import export_model, make_serving_function
 from tf_emnist.model import build_model, compile_model, expected_parameter_count
 from tf_emnist.nist import DataError, NistFolder, parse_idx
-from tf_emnist.predict import Predictor, emnist_like
+from tf_emnist.predict import Predictor, read_image
+from tf_emnist.preprocess import ImageError, preprocess, segment_line
 from tf_emnist.tasks import TASKS, Task, get_task
 from tf_emnist.training import RunDirError, train, train_and_evaluate
 
@@ -16,7 +17,7 @@ __all__ = [
     "HYPERPARAMETERS", "TrainConfig", "read_config_file",
     "load_split", "make_dataset", "split_validation",
     "compute_metrics", "evaluate_run", "predict_logits",
-    "export_model", "make_serving_function", "Predictor", "emnist_like",
+    "export_model", "make_serving_function", "Predictor", "read_image", "ImageError", "preprocess", "segment_line",
     "build_model", "compile_model", "expected_parameter_count",
     "DataError", "NistFolder", "parse_idx",
     "TASKS", "Task", "get_task",

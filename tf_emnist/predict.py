@@ -1,94 +1,98 @@
-"""Predict characters in image files: EMNIST-style preprocessing and a model from any source."""
+"""Predict characters in image files: reading inputs safely, a model from any source, the JSON answer."""
 from __future__ import annotations
 
 import os
 
 import numpy as np
 
+from tf_emnist.preprocess import Character, ImageError, preprocess, segment_line
 
-BORDER = 2  # pixels of padding around the centred character, as in the EMNIST paper
-
-
-class ImageError(ValueError):
-    """An input file is not a usable character image (message: one line)."""
+MAX_PIXELS = 50_000_000  # larger images are refused (a decompression bomb, or not one character)
+MAX_INSTANCES = 4096  # characters one .npy input may hold
 
 
-def emnist_like(gray: np.ndarray) -> np.ndarray:
-    """One character image, any size, either polarity -> EMNIST-like upright uint8 [28, 28].
+def read_image(source, name: str | None = None) -> np.ndarray:
+    """A grayscale float array of an image file (a path, bytes, or a binary file object).
 
-    The EMNIST paper's conversion: Gaussian blur (sigma 1), crop to the region of
-    interest, centre in a square frame keeping the aspect ratio, downsample (bicubic) so
-    that a 2-pixel border makes 28x28, scale the intensities to 0..255. Ink ends up light on
-    dark; dark ink on light paper (the border is bright) is inverted first.
+    Transparent drawings read their alpha channel as the ink, so dark or light strokes on a
+    transparent background both work.
     """
-    from PIL import Image
+    import io
+    import warnings
 
-    img = np.asarray(gray, dtype=np.float32)
-    if img.ndim != 2 or min(img.shape) < 2:
-        raise ImageError(f"expected a 2-D grayscale image, got shape {img.shape}")
-    if np.median(_border(img)) > (img.max() + img.min()) / 2:  # light paper: make the ink bright
-        img = img.max() - img
-    img = np.clip(img - np.median(_border(img)), 0, None)  # the paper's level to 0
-    if img.max() < 8:  # flat paper, nothing written
-        raise ImageError("the image is blank (no character found)")
-    blurred = gaussian_blur(img, sigma=1.0)
-    rows, cols = np.nonzero(blurred > 0.1 * blurred.max())
-    roi = blurred[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1]
-    side = max(roi.shape)
-    frame = np.zeros((side, side), np.float32)
-    top, left = (side - roi.shape[0]) // 2, (side - roi.shape[1]) // 2
-    frame[top: top + roi.shape[0], left: left + roi.shape[1]] = roi
-    inner = 28 - 2 * BORDER  # real EMNIST images keep their outer 2 pixel rows and columns empty
-    small = np.asarray(Image.fromarray(frame).resize((inner, inner), Image.Resampling.BICUBIC), np.float32)
-    small = np.pad(np.clip(small, 0, None), BORDER)
-    return np.round(255 * small / small.max()).astype(np.uint8)
-
-
-def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur, edges padded with zeros (the background)."""
-    radius = int(3 * sigma + 0.5)
-    x = np.arange(-radius, radius + 1)
-    kernel = np.exp(-(x**2) / (2 * sigma**2))
-    kernel /= kernel.sum()
-    padded = np.pad(img, radius)
-    rows = np.apply_along_axis(np.convolve, 1, padded, kernel, mode="valid")
-    return np.apply_along_axis(np.convolve, 0, rows, kernel, mode="valid").astype(np.float32)
-
-
-def _border(img: np.ndarray) -> np.ndarray:
-    return np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
-
-
-def read_inputs(path: str) -> np.ndarray:
-    """uint8 [N, 28, 28] upright images from a PNG/JPEG (one character) or a .npy of arrays."""
     from PIL import Image, UnidentifiedImageError
 
+    name = name or str(source)
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                if image.width * image.height > MAX_PIXELS:
+                    raise ImageError(f"{name}: {image.width}x{image.height} pixels is too large for one character "
+                                     f"(at most {MAX_PIXELS // 1_000_000} megapixels); crop or scale it down")
+                image.load()
+                if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                    rgba = image.convert("RGBA")
+                    alpha = np.asarray(rgba.getchannel("A"), np.float32)
+                    if alpha.min() < 128:  # really transparent: the drawn pixels are the opaque ones
+                        return 255.0 - alpha
+                    image = rgba
+                return np.asarray(image.convert("L"), np.float32)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name}: too many pixels for one character (a decompression bomb?); "
+                         "crop or scale it down") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: not a readable image ({e.__class__.__name__}); "
+                         "give a PNG or JPEG of a character") from None
+
+
+def read_npy(path: str) -> np.ndarray:
+    """uint8 [N, 28, 28] upright images from a .npy file."""
+    try:
+        arrays = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ImageError(f"{path}: not a readable .npy file ({e.__class__.__name__})") from None
+    if arrays.ndim == 2:
+        arrays = arrays[None]
+    if arrays.ndim != 3 or arrays.shape[1:] != (28, 28) or arrays.dtype != np.uint8 or not 0 < len(arrays) <= MAX_INSTANCES:
+        raise ImageError(f"{path}: expected uint8 [N, 28, 28] upright images with 1 <= N <= {MAX_INSTANCES}, "
+                         f"got {arrays.dtype} {arrays.shape}")
+    return arrays
+
+
+def read_inputs(path: str, segment: bool = False) -> list[Character]:
+    """The characters of one input file: a .npy of arrays, an image of one character, or with
+    `segment` an image of a line of characters."""
     if not os.path.isfile(path):
         raise ImageError(f"{path}: no such file")
     if path.endswith(".npy"):
-        try:
-            arrays = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise ImageError(f"{path}: not a readable .npy file ({e})") from None
-        if arrays.ndim == 2:
-            arrays = arrays[None]
-        if arrays.ndim != 3 or arrays.shape[1:] != (28, 28) or arrays.dtype != np.uint8:
-            raise ImageError(f"{path}: expected uint8 [N, 28, 28] upright images, got {arrays.dtype} {arrays.shape}")
-        return arrays
+        return [Character((0, 0, 28, 28), image) for image in read_npy(path)]
+    return characters_in(read_image(path), path, segment)
+
+
+def characters_in(gray: np.ndarray, name: str, segment: bool = False) -> list[Character]:
+    """One character (the whole image), or with `segment` each character of a line."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode in ("RGBA", "LA") or "transparency" in image.info:
-                # Transparent ink drawings: composite onto white paper.
-                background = Image.new("RGBA", image.size, "white")
-                image = Image.alpha_composite(background, image.convert("RGBA"))
-            gray = np.asarray(image.convert("L"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ImageError(f"{path}: not a readable image ({e.__class__.__name__}); give a PNG or JPEG of one character") from None
-    try:
-        return emnist_like(gray)[None]
+        if segment:
+            return segment_line(gray)
+        return [Character((0, 0, gray.shape[1], gray.shape[0]), preprocess(gray))]
     except ImageError as e:
-        raise ImageError(f"{path}: {e}") from None
+        raise ImageError(f"{name}: {e}") from None
+
+
+def describe(name: str, characters: list[Character], top: list[list[tuple[str, float]]], segment: bool) -> dict:
+    """The JSON answer for one input, as `predict --json` and `serve`'s /predict give it."""
+    def ranked(choices):
+        return [{"character": c, "probability": round(p, 6)} for c, p in choices]
+
+    if not segment:
+        return {"input": name, "top": ranked(top[0])}
+    return {"input": name, "text": "".join(choices[0][0] for choices in top),
+            "characters": [{"box": list(ch.box), "top": ranked(choices)} for ch, choices in zip(characters, top)]}
 
 
 class Predictor:
@@ -107,6 +111,8 @@ class Predictor:
 
     def top_k(self, images: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:
         """For each image, the k most likely characters with their probabilities."""
+        if not 1 <= k <= len(self.class_names):
+            raise ValueError(f"top k must be between 1 and {len(self.class_names)}, got {k}")
         probabilities = self(images)["probabilities"]
         best = np.argsort(-probabilities, axis=1)[:, :k]
         return [[(self.class_names[c], float(p[c])) for c in row] for row, p in zip(best, probabilities)]
