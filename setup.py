@@ -1,13 +1,21 @@
-from setuptools import find_packages, setup
+import re
+
+from setuptools import setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', open("tf_emnist/__init__.py").read()).group(1)
 
 setup(
     name="tf-emnist",
-    version="0.1.0",
+    version=VERSION,
+    license="Apache-2.0",
     description="Handwritten character recognition on EMNIST ByMerge with stacked LSTMs (Keras 3 / TensorFlow)",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["tf_emnist", "tf_emnist.*", "cli", "tuning"]),
+    # cli/ and tuning/ stay top-level folders in the repository but install as tf_emnist.cli and
+    # tf_emnist.tuning, so nothing but tf_emnist lands in site-packages.
+    packages=["tf_emnist", "tf_emnist.cli", "tf_emnist.tuning"],
+    package_dir={"tf_emnist": "tf_emnist", "tf_emnist.cli": "cli", "tf_emnist.tuning": "tuning"},
     install_requires=[
         "tensorflow>=2.16",
         "keras>=3.3",
@@ -22,8 +30,10 @@ setup(
         "scikit-image",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "serve": ["starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18"],
+        "test": ["pytest>=8", "selenium>=4.20", "starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18"],
         "gpu": ["tensorflow[and-cuda]>=2.16"],
     },
-    entry_points={"console_scripts": ["tf-emnist=cli.main:main"]},
+    package_data={"tf_emnist": ["static/*.html"]},
+    entry_points={"console_scripts": ["tf-emnist=tf_emnist.cli.main:main"]},
 )

@@ -121,8 +121,8 @@ def _print_summary(metrics: dict, run_dir: str) -> None:
 
 def cmd_tune(args) -> int:
     from tf_emnist.config import HYPERPARAMETERS
-    from tuning.search import run_search, set_distributed_env
-    from tuning.space import parse_override, read_space_file, resolve_space
+    from tf_emnist.tuning.search import run_search, set_distributed_env
+    from tf_emnist.tuning.space import parse_override, read_space_file, resolve_space
 
     overrides = read_space_file(args.space_file) if args.space_file else {}
     overrides.update(parse_override(text) for text in args.space)
@@ -186,6 +186,17 @@ def _predict_line(answer: dict) -> str:
     return f"{answer['input']}: {ranked(answer['top'])}"
 
 
+def cmd_serve(args) -> int:
+    try:
+        from tf_emnist.serve import serve
+        import starlette, uvicorn  # noqa: F401  (the serve extra)
+    except ImportError as e:
+        raise ValueError(f"serving needs the serve extra ({e.name} is missing); pip install 'tf-emnist[serve]'") from None
+    serve(args.model, host=args.host, port=args.port, model_name=args.model_name,
+          max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms, jit_compile=args.jit_compile)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from tf_emnist.bench import format_table, run_benchmark
     from tf_emnist.files import write_json
@@ -218,7 +229,12 @@ def cmd_tasks(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tf-emnist", description="Stacked-LSTM handwritten character recognition on EMNIST.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    from tf_emnist import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results (--log-level warning)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                        help="the detail of tf-emnist's own log lines (default info)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     train = sub.add_parser("train", help="train a task, then evaluate it on the test split",
@@ -307,6 +323,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="machine-readable output")
     predict.set_defaults(func=cmd_predict, prog="tf-emnist predict")
 
+    serve = sub.add_parser("serve", help="serve a model over HTTP: TensorFlow Serving's REST API and a drawing pad",
+                           description="GET / is a page to draw characters on; POST /predict takes image files "
+                                       "(field 'files'; segment, top_k); /v1/models/NAME[:predict|/metadata] "
+                                       "speak TensorFlow Serving's REST API. Ctrl-C stops it.")
+    serve.add_argument("model", help="an export (SavedModel or TFLite) or a run directory")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    serve.add_argument("--port", type=_positive_int, default=8501, help="port (default 8501, as TensorFlow Serving's REST)")
+    serve.add_argument("--model-name", help="the NAME in /v1/models/NAME (default: the task, e.g. merged)")
+    serve.add_argument("--max-batch-size", type=_positive_int, default=64,
+                       help="images of concurrent requests run as one batch, at most (default 64; 1: no batching)")
+    serve.add_argument("--batch-timeout-ms", type=float, default=2.0,
+                       help="how long a batch waits for more requests after its first (default 2 ms)")
+    serve.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=True,
+                       help="compile a SavedModel with XLA in this process (default on; the export stays portable)")
+    serve.set_defaults(func=cmd_serve)
+
     from tf_emnist.bench import DEFAULT_BASELINE
 
     bench = sub.add_parser("bench", help="throughput, latency and memory beside the PyTorch yardstick",
@@ -341,7 +374,7 @@ def main(argv=None) -> int:
     # tf-emnist's progress at INFO; other libraries' INFO (TensorFlow's "Assets written to: <a temporary
     # folder>" on every export) stays out.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("tf_emnist").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    logging.getLogger("tf_emnist").setLevel(logging.WARNING if args.quiet else args.log_level.upper())
     from tf_emnist.nist import DataError
     from tf_emnist.training import RunDirError
 

@@ -9,7 +9,7 @@ py=${PYTHON:-.venv/bin/python}
 baseline=${BASELINE:-../shared/baselines/seed_torch_lstm.py}
 mkdir -p "$out"
 for task in merged digit-letter; do
-  "$py" -m cli.main train --task "$task" --data-dir "$data" --output "runs/study-$task" 2>&1 | tee "$out/study-$task.log"
+  "$py" -m tf_emnist.cli.main train --task "$task" --data-dir "$data" --output "runs/study-$task" 2>&1 | tee "$out/study-$task.log"
   mkdir -p "$out/study-$task"
   cp runs/study-$task/{config.json,metrics.json,history.csv,steps.csv,*.png} "$out/study-$task/"
 done

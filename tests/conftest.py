@@ -1,4 +1,5 @@
 """Shared fixtures: a seed per test, tiny NIST-format data written on the fly, the real-data path."""
+import contextlib
 import gzip
 import os
 
@@ -60,6 +61,57 @@ def write_nist_folder(path, n_train=240, n_test=120, split="bymerge", chars=BYME
     with open(os.path.join(path, f"emnist-{split}-mapping.txt"), "w", newline="") as f:
         f.writelines(f"{i} {ord(c)}\r\n" for i, c in enumerate(chars))  # as NIST writes it
     return str(path)
+
+
+def run_cli(*args) -> int:
+    """The CLI's exit code, whether it returns it or argparse exits with it."""
+    from tf_emnist.cli.main import main
+
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(model: str):
+    """`tf-emnist serve MODEL` in a subprocess on a free loopback port; yields (base URL, process)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tf_emnist.cli.main", "serve", model, "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the server exited: {process.stdout.read()}")
+            try:
+                urllib.request.urlopen(url + "/", timeout=2).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    pytest.fail("the server did not answer within 180 s")
+                time.sleep(0.5)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
+        process.stdout.close()
 
 
 @pytest.fixture

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from cli.main import main
-from tests.conftest import write_nist_folder
+from tests.conftest import run_cli, write_nist_folder
 from tf_emnist.config import TrainConfig
 from tf_emnist.export import export_model
 from tf_emnist.predict import read_inputs
@@ -23,12 +22,6 @@ def run_dir(tmp_path_factory):
     train(config, str(root / "run"), verbose=0)
     return str(root / "run")
 
-
-def run_cli(*args):
-    try:
-        return main([str(a) for a in args])
-    except SystemExit as e:
-        return e.code
 
 
 def test_export_reloads_with_plain_tensorflow_and_matches_keras(run_dir, tmp_path):

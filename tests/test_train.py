@@ -9,20 +9,13 @@ import sys
 import numpy as np
 import pytest
 
-from cli.main import main
+from tests.conftest import run_cli
 from tf_emnist import training as train_module
 from tf_emnist.config import TrainConfig
 from tf_emnist.training import read_history
 
 TINY = ["--hidden-dim", "8", "--num-layers", "1", "--batch-size", "32", "--log-every", "2", "--no-jit-compile"]
 
-
-def run_cli(*args):
-    """The CLI's exit code, whether it returns it or argparse exits with it."""
-    try:
-        return main([str(a) for a in args])
-    except SystemExit as e:
-        return e.code
 
 
 def test_cli_train_then_evaluate_end_to_end(nist_dir, tmp_path, capsys, caplog):
@@ -155,7 +148,7 @@ def test_bad_input_gets_one_line_and_nonzero_exit(args, message, capsys, tmp_pat
 
 
 def test_config_file_then_flags_override(nist_dir, tmp_path):
-    from cli.main import build_parser, resolve_config
+    from tf_emnist.cli.main import build_parser, resolve_config
 
     best = tmp_path / "best_config.json"
     best.write_text(json.dumps({"task": "digit-letter", "hidden_dim": 64, "dropout": 0.3}))

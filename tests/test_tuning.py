@@ -12,21 +12,15 @@ import keras
 import keras_tuner as kt
 import pytest
 
-from cli.main import main
+from tests.conftest import run_cli
 from tf_emnist.config import TrainConfig
-from tuning import search as search_module
-from tuning.search import make_hypermodel, run_search
-from tuning.space import parse_override, resolve_space
+from tf_emnist.tuning import search as search_module
+from tf_emnist.tuning.search import make_hypermodel, run_search
+from tf_emnist.tuning.space import parse_override, resolve_space
 
 TINY_SPACE = {"hidden_dim": {"min": 4, "max": 8}, "num_layers": {"type": "fixed", "value": 1},
               "batch_size": {"type": "fixed", "value": 32}, "bidirectional": {"type": "fixed", "value": False}}
 
-
-def run_cli(*args):
-    try:
-        return main([str(a) for a in args])
-    except SystemExit as e:
-        return e.code
 
 
 def test_hypermodel_builds_with_default_hyperparameters():

@@ -2,6 +2,8 @@
 
 Importing this package is light: TensorFlow and Keras load on first use.
 """
+__version__ = "0.5.0"
+
 from tf_emnist.config import HYPERPARAMETERS, TrainConfig, read_config_file
 from tf_emnist.data import load_split, make_dataset, split_validation
 from tf_emnist.evaluate import compute_metrics, evaluate_run, predict_logits

@@ -346,6 +346,10 @@ def _write_extra(folder: str, loaded: list, paths: list[str], task: Task, format
                                                    "sources": [os.path.basename(os.path.normpath(p)) for p in paths]})
     with open(os.path.join(extra, "labels.txt"), "w") as f:
         f.write("\n".join(task.class_names) + "\n")
+    run_metrics = os.path.join(paths[0], "metrics.json")
+    if len(loaded) == 1 and loaded[0].model is not None and os.path.isfile(run_metrics):
+        figures = {k: v for k, v in read_json(run_metrics).items() if isinstance(v, (int, float, str))}
+        write_json(os.path.join(extra, "metrics.json"), figures)  # the test figures `serve` shows
 
 
 def portable_config(config: TrainConfig) -> dict:

@@ -13,7 +13,7 @@ from tf_emnist.config import HYPERPARAMETERS, TrainConfig
 from tf_emnist.files import save_figure, write_csv, write_json
 from tf_emnist.tasks import get_task
 from tf_emnist.training import distribution_strategy
-from tuning.space import define
+from tf_emnist.tuning.space import define
 
 log = logging.getLogger("tf_emnist")
 

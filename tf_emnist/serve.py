@@ -1,0 +1,364 @@
+"""`tf-emnist serve`: TensorFlow Serving's REST API, image uploads and a drawing pad, with request batching."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+
+from tf_emnist.files import read_json
+from tf_emnist.predict import ImageError, characters_in, describe, read_image
+
+log = logging.getLogger("tf_emnist")
+
+MAX_BODY = 10 * 1024 * 1024  # bytes of one request
+MAX_INSTANCES = 1024  # images of one :predict request
+SIGNATURES = ("serving_default", "serve_stored")  # stored: the NIST/tfds orientation
+OUTPUTS = ("characters", "class_ids", "logits", "probabilities")
+
+
+class RequestError(ValueError):
+    """A request the server refuses: its HTTP status and a one-line message."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class ServedModel:
+    """A model as `serve` runs it: uint8 upright [N, 28, 28] -> logits, one call at a time.
+
+    A SavedModel's signature is compiled with XLA in this process (the file on disk stays
+    portable), at power-of-two batch sizes so that few shapes are ever compiled. TFLite
+    exports run as they are; their interpreter is not thread-safe, hence the lock.
+    """
+
+    def __init__(self, path: str, name: str | None = None, jit_compile: bool = True):
+        from tf_emnist.export import EXTRA, load_source
+
+        source = load_source(path)
+        self.path, self.task = path, source.task
+        self.name = name or source.task.name
+        base = os.path.basename(os.path.normpath(path))
+        self.version = int(base) if base.isdigit() else 1
+        self.class_names = list(source.task.class_names)
+        metrics_path = os.path.join(path, EXTRA, "metrics.json")
+        self.metrics = read_json(metrics_path) if os.path.isfile(metrics_path) else {}
+        self.members = len(source.configs)
+        self._source = source  # the loaded SavedModel owns the variables its signature reads
+        self._lock = threading.Lock()
+        if source.tflite is not None:
+            self._logits = lambda images: source.tflite(images=images)["logits"]
+            self.kind = "TFLite"
+        else:
+            import tensorflow as tf
+
+            serve = source.serving_function(stored_orientation=False)
+            self._logits = tf.function(lambda images: serve(images=images)["logits"], jit_compile=jit_compile)
+            self.kind = "SavedModel" if source.saved_model is not None else "Keras run"
+        self._logits(np.zeros((1, 28, 28), np.uint8))  # load and compile before the first request
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        n = len(images)
+        padded = 1 << max(0, (n - 1).bit_length())
+        if padded != n:
+            images = np.concatenate([images, np.zeros((padded - n, 28, 28), np.uint8)])
+        with self._lock:
+            return np.asarray(self._logits(images))[:n]
+
+    def outputs(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        class_ids = logits.argmax(axis=1).astype(np.int32)
+        return {"characters": np.asarray(self.class_names)[class_ids], "class_ids": class_ids,
+                "logits": logits, "probabilities": probabilities}
+
+
+@dataclass
+class _Pending:
+    images: np.ndarray
+    future: asyncio.Future
+
+
+class Batcher:
+    """Gathers concurrent requests into one model call: up to max_batch_size images, waiting at most
+    timeout_ms for more after the first (as TensorFlow Serving's batching does)."""
+
+    def __init__(self, model: ServedModel, max_batch_size: int = 64, timeout_ms: float = 2.0):
+        self.model, self.max_batch_size, self.timeout = model, max_batch_size, timeout_ms / 1000
+        self.queue: asyncio.Queue | None = None
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    async def logits(self, images: np.ndarray) -> np.ndarray:
+        if self.max_batch_size <= 1 or self.queue is None:
+            return await asyncio.to_thread(self.model.logits, images)
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Pending(images, future))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            size, deadline = len(batch[0].images), loop.time() + self.timeout
+            while size < self.max_batch_size:
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    break
+                batch.append(item)
+                size += len(item.images)
+            try:
+                logits = await asyncio.to_thread(self.model.logits, np.concatenate([p.images for p in batch]))
+            except Exception as e:  # the model failed: every waiting request learns why
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(e)
+                continue
+            start = 0
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_result(logits[start: start + len(pending.images)])
+                start += len(pending.images)
+
+
+def parse_predict_request(body: bytes) -> tuple[np.ndarray, str, bool]:
+    """A TF Serving :predict body -> (uint8 upright images, signature name, row format?)."""
+    try:
+        request = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON ({e.__class__.__name__}); "
+                           'send {"instances": [...]} or {"inputs": ...}') from None
+    if not isinstance(request, dict) or ("instances" in request) == ("inputs" in request):
+        raise RequestError('the request must be a JSON object with exactly one of "instances" (row format) '
+                           'or "inputs" (columnar format)')
+    signature = request.get("signature_name") or "serving_default"
+    if signature not in SIGNATURES:
+        raise RequestError(f"unknown signature_name {signature!r}; this model has {', '.join(SIGNATURES)}")
+    row = "instances" in request
+    data = request["instances"] if row else request["inputs"]
+    if row and isinstance(data, list) and data and all(isinstance(d, dict) for d in data):
+        data = [d.get("images") for d in data]  # named inputs: [{"images": ...}, ...]
+    if isinstance(data, dict):
+        data = data.get("images")
+    images = _as_images(data)
+    if signature == "serve_stored":
+        images = np.ascontiguousarray(images.transpose(0, 2, 1))
+    return images, signature, row
+
+
+def _as_images(data) -> np.ndarray:
+    if data is None:
+        raise RequestError('the input is missing; send images as "images" or as a list of 28x28 arrays')
+    try:
+        array = np.asarray(data)
+    except ValueError:
+        raise RequestError("the images are ragged; each instance must be a 28x28 array of integers 0-255") from None
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or array.shape[1:] != (28, 28) or len(array) == 0:
+        raise RequestError(f"expected 28x28 images (shape [N, 28, 28]), got shape {list(array.shape)}")
+    if len(array) > MAX_INSTANCES:
+        raise RequestError(f"{len(array)} instances in one request; send at most {MAX_INSTANCES}", 413)
+    if array.dtype.kind not in "iu" and not (array.dtype.kind == "f" and np.all(array == np.round(array))):
+        raise RequestError(f"expected integers 0-255 (uint8 images), got {array.dtype} values")
+    if array.min() < 0 or array.max() > 255:
+        raise RequestError("pixel values must lie in 0-255 (uint8 images)")
+    return array.astype(np.uint8)
+
+
+def format_outputs(outputs: dict[str, np.ndarray], row: bool) -> dict:
+    """TF Serving's answer: {"predictions": [one object per image]} or {"outputs": {name: values}}."""
+    as_lists = {name: outputs[name].tolist() for name in OUTPUTS}
+    if row:
+        return {"predictions": [{name: as_lists[name][i] for name in OUTPUTS} for i in range(len(outputs["class_ids"]))]}
+    return {"outputs": as_lists}
+
+
+def signature_metadata(model: ServedModel) -> dict:
+    """GET /v1/models/NAME/metadata, in TF Serving's shape."""
+    def tensor(name, dtype, *dims):
+        return {"dtype": dtype, "tensor_shape": {"dim": [{"size": str(d), "name": ""} for d in dims],
+                                                 "unknown_rank": False}, "name": name}
+
+    classes = len(model.class_names)
+    outputs = {"characters": tensor("StatefulPartitionedCall:0", "DT_STRING", -1),
+               "class_ids": tensor("StatefulPartitionedCall:1", "DT_INT32", -1),
+               "logits": tensor("StatefulPartitionedCall:2", "DT_FLOAT", -1, classes),
+               "probabilities": tensor("StatefulPartitionedCall:3", "DT_FLOAT", -1, classes)}
+    signatures = {name: {"inputs": {"images": tensor(f"{name}_images:0", "DT_UINT8", -1, 28, 28)},
+                         "outputs": outputs, "method_name": "tensorflow/serving/predict"} for name in SIGNATURES}
+    return {"model_spec": {"name": model.name, "signature_name": "", "version": str(model.version)},
+            "metadata": {"signature_def": {"signature_def": signatures,
+                                           "@type": "type.googleapis.com/tensorflow.serving.SignatureDefMap"}}}
+
+
+def page(model: ServedModel) -> str:
+    """The drawing pad, naming the model and its test accuracy."""
+    import html
+
+    accuracy = model.metrics.get("test_accuracy")
+    about = (f"{model.name} v{model.version} ({model.kind}"
+             + (f", {model.members} models averaged" if model.members > 1 else "")
+             + (f", {accuracy:.2%} test accuracy on EMNIST ByMerge" if accuracy else "") + ")")
+    text = resources.files("tf_emnist").joinpath("static/index.html").read_text()
+    return text.replace("{{MODEL}}", html.escape(about)).replace("{{NAME}}", html.escape(model.name))
+
+
+def create_app(model: ServedModel, *, max_batch_size: int = 64, batch_timeout_ms: float = 2.0):
+    """The Starlette application: TF Serving's REST API, POST /predict for image files, and GET /."""
+    import contextlib
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.routing import Route
+
+    batcher = Batcher(model, max_batch_size, batch_timeout_ms)
+
+    def error(message: str, status: int = 400):
+        return JSONResponse({"error": message}, status_code=status)
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > MAX_BODY:
+            raise RequestError(f"the request is {int(declared)} bytes; the limit is {MAX_BODY // 2**20} MiB", 413)
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise RequestError(f"the request is over the {MAX_BODY // 2**20} MiB limit", 413)
+        return body
+
+    def check_model(name: str, version: str | None):
+        if name != model.name:
+            raise RequestError(f"Servable not found for request: Latest({name}); this server has {model.name!r}", 404)
+        if version is not None and version != str(model.version):
+            raise RequestError(f"Servable not found for request: Specific({name}, {version}); "
+                               f"the version served is {model.version}", 404)
+
+    async def models(request: Request):
+        """/v1/models/NAME[/versions/N][/metadata] (GET) and /v1/models/NAME[/versions/N]:predict (POST)."""
+        rest = request.path_params["rest"]
+        action = None
+        if ":" in rest:
+            rest, action = rest.rsplit(":", 1)
+        parts = rest.strip("/").split("/")
+        metadata = parts[-1] == "metadata"
+        if metadata:
+            parts = parts[:-1]
+        if len(parts) == 3 and parts[1] == "versions":
+            name, version = parts[0], parts[2]
+        elif len(parts) == 1:
+            name, version = parts[0], None
+        else:
+            return error(f"unknown path {request.url.path}; see TensorFlow Serving's REST API", 404)
+        try:
+            check_model(name, version)
+            if request.method == "GET":
+                if action is not None:
+                    return error(f"use POST for :{action}", 405)
+                if metadata:
+                    return JSONResponse(signature_metadata(model))
+                return JSONResponse({"model_version_status": [{
+                    "version": str(model.version), "state": "AVAILABLE",
+                    "status": {"error_code": "OK", "error_message": ""}}]})
+            if action != "predict" or metadata:
+                return error(f"POST {request.url.path} is not served; POST to /v1/models/{model.name}:predict", 405)
+            images, _, row = parse_predict_request(await read_body(request))
+            logits = await batcher.logits(images)
+            return JSONResponse(format_outputs(model.outputs(logits), row))
+        except RequestError as e:
+            return error(str(e), e.status)
+
+    async def predict_files(request: Request):
+        """POST /predict: multipart image files (field `files`); options segment and top_k (query or form)."""
+        try:
+            if int(request.headers.get("content-length") or 0) > MAX_BODY:
+                raise RequestError(f"the upload is over the {MAX_BODY // 2**20} MiB limit", 413)
+            if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+                raise RequestError("send the images as multipart/form-data in the field 'files'")
+            async with request.form(max_files=64, max_fields=16, max_part_size=MAX_BODY) as form:
+                options = {**request.query_params, **{k: v for k, v in form.items() if isinstance(v, str)}}
+                segment = str(options.get("segment", "false")).lower() in ("1", "true", "yes", "on")
+                top_k = _top_k(options.get("top_k", "3"), len(model.class_names))
+                uploads = [f for f in form.getlist("files") if not isinstance(f, str)]
+                if not uploads:
+                    raise RequestError("no image in the field 'files'; upload one or more PNG or JPEG files")
+                files = [(f.filename or "upload", await f.read()) for f in uploads]
+            answers = []
+            for name, data in files:
+                characters = await asyncio.to_thread(_characters, data, name, segment)
+                logits = await batcher.logits(np.stack([c.image for c in characters]))
+                probabilities = model.outputs(logits)["probabilities"]
+                top = [[(model.class_names[c], float(p[c])) for c in np.argsort(-p)[:top_k]] for p in probabilities]
+                answers.append(describe(name, characters, top, segment))
+            return JSONResponse(answers)
+        except RequestError as e:
+            return error(str(e), e.status)
+        except ImageError as e:
+            message = str(e)
+            status = 415 if "not a readable image" in message else 413 if "too many pixels" in message or (
+                "too large" in message) else 422
+            return error(message, status)
+        except Exception as e:  # the multipart parser's own errors (a malformed body)
+            if e.__class__.__module__.startswith(("starlette", "multipart", "python_multipart")):
+                return error(f"malformed upload ({e}); send multipart/form-data with image files in 'files'", 400)
+            raise
+
+    async def index(request: Request):
+        return HTMLResponse(page(model))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.stop()
+        log.info("stopped serving %s", model.name)
+
+    async def not_found(request: Request, exc):
+        return error(f"unknown path {request.url.path}", getattr(exc, "status_code", 404))
+
+    routes = [Route("/", index), Route("/predict", predict_files, methods=["POST"]),
+              Route("/v1/models/{rest:path}", models, methods=["GET", "POST"])]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+
+
+def _top_k(text, classes: int) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise RequestError(f"top_k must be an integer, got {text!r}") from None
+    if not 1 <= value <= classes:
+        raise RequestError(f"top_k must be between 1 and {classes}, got {value}")
+    return value
+
+
+def _characters(data: bytes, name: str, segment: bool):
+    return characters_in(read_image(data, name), name, segment)
+
+
+def serve(path: str, *, host: str = "127.0.0.1", port: int = 8501, model_name: str | None = None,
+          max_batch_size: int = 64, batch_timeout_ms: float = 2.0, jit_compile: bool = True) -> None:
+    """Load the model and serve until SIGINT or SIGTERM (uvicorn finishes the requests in flight)."""
+    import uvicorn
+
+    model = ServedModel(path, model_name, jit_compile)
+    app = create_app(model, max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms)
+    log.info("serving %s as %r on http://%s:%d/ (REST: /v1/models/%s:predict)", path, model.name, host, port,
+             model.name)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
