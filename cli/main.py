@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -11,7 +12,9 @@ import numpy as np
 
 from tf_emnist.config import FIELDS, TrainConfig, coerce, read_config_file
 
-EXIT_PARTIAL, EXIT_ERROR, EXIT_INTERRUPTED = 1, 2, 130  # 1: some inputs were skipped, the rest answered
+# Exit codes: 1 some inputs were skipped (the rest answered), 2 bad input or settings, 3 bad data,
+# 4 the file system refused (permissions, a full disk), 130 interrupted (rerun to resume).
+EXIT_PARTIAL, EXIT_ERROR, EXIT_DATA, EXIT_IO, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
 
 class Parser(argparse.ArgumentParser):
@@ -94,7 +97,7 @@ def cmd_evaluate(args) -> int:
 
     metrics = evaluate_runs(args.run_dirs, split=args.split, output=args.output,
                             limit_test=args.limit_test, data_dir=args.data_dir,
-                            tta=args.tta, tta_strength=args.tta_strength)
+                            tta=args.tta, tta_strength=args.tta_strength, allow_unfinished=args.allow_unfinished)
     out_dir = args.output or args.run_dirs[0]
     if args.split == "validation":
         print(f"{metrics['task']}: validation accuracy {metrics['validation_accuracy']:.4%} "
@@ -264,14 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
                           help="strength of the copies' random affine transform, as train's --augment (default 0.5)")
     evaluate.add_argument("--data-dir", help="read the test split from this NIST folder instead of the run's source")
     evaluate.add_argument("--limit-test", type=_typed("limit_test"), help="evaluate on the first N test images")
+    evaluate.add_argument("--allow-unfinished", action="store_true",
+                          help="evaluate a run whose training was interrupted (its best epoch so far; needs --output)")
     evaluate.set_defaults(func=cmd_evaluate)
 
     tune = sub.add_parser("tune", help="search hyperparameters with keras-tuner (validation split only)",
                           description="Rerunning the same command resumes the search; --overwrite starts over. "
                                       "Flags for hyperparameters pin them; --space narrows the rest.")
     tune.add_argument("--tuner", default="random", help="random, bayesian or hyperband (default random)")
-    tune.add_argument("--max-trials", type=int, default=10, help="trials for random/bayesian (default 10)")
-    tune.add_argument("--max-epochs", type=int, default=3, help="epochs per trial at most (default 3)")
+    tune.add_argument("--max-trials", type=_positive_int, default=10, help="trials for random/bayesian (default 10)")
+    tune.add_argument("--max-epochs", type=_positive_int, default=3, help="epochs per trial at most (default 3)")
     tune.add_argument("--space", action="append", default=[], metavar="NAME=SPEC",
                       help="narrow the space: name=value (fixed), name=min:max, name=a,b,c; repeatable")
     tune.add_argument("--space-file", metavar="JSON", help="search space overrides as a JSON object")
@@ -383,9 +388,18 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\n{parser.prog}: interrupted; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, DataError, RunDirError, FileNotFoundError, FileExistsError, ConnectionError, RuntimeError) as e:
+    except DataError as e:
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_DATA
+    except (ValueError, RunDirError, FileNotFoundError, FileExistsError, ConnectionError, RuntimeError) as e:
         print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as e:  # permissions, a full disk, a read-only folder: what, where, and what to do
+        where = f" ({e.filename})" if e.filename else ""
+        hint = "free some space" if e.errno == errno.ENOSPC else "check the path and its permissions"
+        print(f"{parser.prog} {args.command}: error: {e.strerror or e}{where}; {hint}, then rerun the same command",
+              file=sys.stderr)
+        return EXIT_IO
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def test_inference_figures_cover_every_serving_path():
     assert figures["keras_predict_samples_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_gpu_check_script_runs_its_smoke_mode_on_a_cpu():
     """scripts/gpu_check.py waits for a GPU: its tiny mode catches a broken script before one is lent."""
     import json

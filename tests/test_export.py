@@ -203,7 +203,8 @@ def test_tflite_export_serves_any_batch_like_the_keras_models(run_dir, other_run
     # `evaluate` reads it (the serve_stored orientation is turned in numpy), as it reads the run.
     from tf_emnist.evaluate import evaluate_runs
     of_run = evaluate_runs([run_dir], split="test", output=tmp_path / "of-run")
-    of_tflite = evaluate_runs([path], split="test", output=tmp_path / "of-tflite")
+    of_tflite = evaluate_runs([path], split="test", output=tmp_path / "of-tflite",
+                              data_dir=load_run(run_dir)[1].data_dir)  # an export names its data folder only
     assert of_tflite["test_accuracy"] == of_run["test_accuracy"]
     assert of_tflite["test_loss"] == pytest.approx(of_run["test_loss"], abs=1e-4)
     with pytest.raises(ValueError, match="is a TFLite export, which cannot join a SavedModel"):

@@ -205,7 +205,8 @@ def test_one_gpu_trains_under_a_one_device_strategy_that_copies_batches_to_it(ni
     assert not [w for w in caught if "ran out of data" in str(w.message)]
     assert len(read_history(str(tmp_path / "run"))) == 2
 
-def test_multi_worker_check_gives_a_verdict_in_bounded_time():
+@pytest.mark.slow
+def test_multi_worker_check_gives_the_documented_verdict_in_bounded_time():
     """scripts/multi_worker_check.py runs two workers on 127.0.0.1 (the README reports its verdict)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, os.path.join("scripts", "multi_worker_check.py"), "--timeout", "90"],
@@ -213,14 +214,12 @@ def test_multi_worker_check_gives_a_verdict_in_bounded_time():
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""})
     report = done.stdout + done.stderr[-2000:]
     verdict = done.stdout.strip().splitlines()[-1]
-    if done.returncode == 0:
-        assert verdict.startswith("works: 2 workers trained in sync"), report
-    else:
-        # Keras fit itself failed, not the script or a port. In a few runs of 50, the second
-        # worker hangs instead of failing too (killed at the timeout).
-        assert verdict.startswith("does not work: Keras fit failed"), report
-        failed, hung = done.stdout.count("raised at keras/src/"), done.stdout.count("still running after")
-        assert failed >= 1 and failed + hung == 2, report
+    # docs/training.md: with the tested TensorFlow and Keras, Keras fit itself fails under
+    # MultiWorkerMirroredStrategy (not the script or a port). In a few runs of 50, the second
+    # worker hangs instead of failing too (killed at the timeout).
+    assert done.returncode != 0 and verdict.startswith("does not work: Keras fit failed"), report
+    failed, hung = done.stdout.count("raised at keras/src/"), done.stdout.count("still running after")
+    assert failed >= 1 and failed + hung == 2, report
 
 
 def test_no_evaluate_leaves_the_test_split_for_later(nist_dir, tmp_path, capsys):

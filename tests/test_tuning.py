@@ -3,7 +3,6 @@ import csv
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import keras
 import keras_tuner as kt
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import free_port, run_cli
 from tf_emnist.config import TrainConfig
 from tf_emnist.tuning import search as search_module
 from tf_emnist.tuning.search import make_hypermodel, run_search
@@ -164,15 +163,10 @@ def test_worker_without_chief_exits_in_bounded_time(nist_dir, tmp_path, capsys):
     assert f"no chief oracle answers at 127.0.0.1:{port}" in capsys.readouterr().err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_distributed_chief_and_two_workers(nist_dir, tmp_path):
     port, out = free_port(), tmp_path / "search"
-    base = [sys.executable, "-m", "cli.main", "-q", *map(str, tune_args(nist_dir, out, "--max-trials", 3)),
+    base = [sys.executable, "-m", "tf_emnist.cli.main", "-q", *map(str, tune_args(nist_dir, out, "--max-trials", 3)),
             "--oracle-port", str(port)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -138,6 +138,8 @@ def check_keys(values: dict, source: str) -> None:
 def coerce(name: str, value: Any) -> Any:
     """Convert a JSON or command-line value to the type of field `name`."""
     if value is None:
+        if "None" not in FIELDS[name].type:
+            raise ValueError(f"{name}: null is not allowed here; give a value or leave the setting out")
         return None
     kind = {"int": int, "float": float, "str": str, "bool": bool}[FIELDS[name].type.split(" |")[0]]
     if kind is bool:
@@ -154,6 +156,15 @@ def coerce(name: str, value: Any) -> Any:
         return kind(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name}: expected {kind.__name__}, got {value!r}") from None
+
+
+def config_from_dict(values: dict, source: str) -> "TrainConfig":
+    """A TrainConfig from a run's or an export's stored settings, or a one-line ValueError naming `source`."""
+    check_keys(values, source)
+    try:
+        return TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:

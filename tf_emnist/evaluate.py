@@ -91,7 +91,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, limit_test: int | None = None, d
 
 def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | None = None,
                   limit_test: int | None = None, data_dir: str | None = None,
-                  tta: int = 1, tta_strength: float = 0.5, cache: dict | None = None) -> dict:
+                  tta: int = 1, tta_strength: float = 0.5, cache: dict | None = None,
+                  allow_unfinished: bool = False) -> dict:
     """Evaluate one model, or the ensemble of several (their probabilities averaged), on a split.
 
     Each of `run_dirs` is a run directory or a SavedModel written by `tf-emnist export`; an
@@ -103,7 +104,9 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
     files go to the run directory for one plain run, to `output` (required) otherwise, so
     the run's own metrics.json stays the plain model's. `cache`, a dict the caller keeps,
     holds each member's logits for later calls with the same split and options (choosing
-    among ensembles that share members).
+    among ensembles that share members). A run whose training has not finished is refused
+    (its model.keras is only its best epoch so far) unless `allow_unfinished`; its metrics
+    then go to `output`, never into the run, so the run stays resumable.
     """
     from tf_emnist.data import load_split, split_validation
     from tf_emnist.export import is_export, load_source
@@ -119,6 +122,15 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
                          "so that a run's own metrics stay its plain model's")
     if tta < 1 or not tta_strength >= 0:
         raise ValueError(f"--tta must be >= 1 and --tta-strength >= 0; got {tta} and {tta_strength}")
+    for run_dir in run_dirs:
+        state = os.path.join(run_dir, STATE)
+        if not is_export(run_dir) and os.path.isdir(run_dir) and not (
+                os.path.exists(state) and read_json(state).get("finished")):
+            if not allow_unfinished:
+                raise ValueError(f"{run_dir} has not finished training; resume it with the same `tf-emnist train` "
+                                 "command, or pass --allow-unfinished (with --output) to evaluate its best epoch so far")
+            if output is None:
+                raise ValueError("--allow-unfinished needs --output DIR, so that the unfinished run stays resumable")
     sources = [load_source(r) for r in run_dirs]
     if tta > 1 and any(s.model is None for s in sources):
         raise ValueError("--tta needs run directories (Keras models), not exports; drop --tta or pass the runs")
@@ -128,10 +140,14 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
         if source.task.name != task.name:
             raise ValueError(f"{source.path} is a {source.task.name} model and {run_dirs[0]} a {task.name} model; "
                              "an ensemble needs one task")
-        differ = sorted({k for other in source.configs for k in data_keys if getattr(other, k) != getattr(config, k)})
+        differ = sorted({k for other in source.configs for k in data_keys
+                         if _data_identity(getattr(other, k)) != _data_identity(getattr(config, k))})
         if split == "validation" and differ:
             raise ValueError(f"{source.path} held out a different validation split ({', '.join(differ)} differ from "
                              f"{run_dirs[0]}); compare them on the test split only")
+    if data_dir is None:  # exports name their data folder only; a run directory knows where it is
+        data_dir = next((c.data_dir for s in sources for c in s.configs if c.data_dir and os.path.exists(c.data_dir)),
+                        None)
     overrides = {k: v for k, v in (("limit_test", limit_test), ("data_dir", data_dir)) if v is not None}
     config = config.replace(**overrides)
     if split == "test":
@@ -171,6 +187,11 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
         save_figure(plot_confusion(metrics["confusion_matrix"], task.class_names, title),
                     os.path.join(out_dir, "confusion.png"))
     return metrics
+
+
+def _data_identity(value):
+    """A data folder by name (exports record no machine's paths); other settings as they are."""
+    return os.path.basename(os.path.normpath(value)) if isinstance(value, str) and os.sep in value else value
 
 
 def serve_logits(serve, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:

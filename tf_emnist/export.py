@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tf_emnist.config import TrainConfig
+from tf_emnist.config import TrainConfig, config_from_dict
 from tf_emnist.files import exchange_paths, pid_alive, read_json, remove_stale_temporaries, write_json
 from tf_emnist.tasks import Task, get_task
 from tf_emnist.training import MODEL, load_run
@@ -246,7 +246,7 @@ def load_source(path: str | os.PathLike) -> Source:
     configs = [read_json(os.path.join(extra, "config.json"))]
     if os.path.isfile(os.path.join(extra, ENSEMBLE)):
         configs = read_json(os.path.join(extra, ENSEMBLE))["members"]
-    configs = [TrainConfig(**c) for c in configs]
+    configs = [config_from_dict(c, os.path.join(extra, "config.json")) for c in configs]
     task = get_task(configs[0].task)
     if is_tflite_export(path):
         return Source(path, task, configs, tflite=load_tflite_signature(path))

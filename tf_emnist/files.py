@@ -119,6 +119,10 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict:
             value = json.load(f)
     except FileNotFoundError:
         raise ValueError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is a directory; give the JSON file inside it") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not a text file; give a JSON file") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it") from None
     if not isinstance(value, dict):

@@ -68,10 +68,15 @@ class NistFolder:
         self.path = os.fspath(path)
         self.split = split
         if not os.path.exists(self.path):
-            raise DataError(f"data dir {self.path} does not exist; pass --data-dir a folder with the NIST EMNIST files")
+            raise DataError(f"data dir {self.path} does not exist here; pass --data-dir a folder with the NIST EMNIST "
+                            "files (an export names its data folder only)")
         self.provenance: dict[str, str] = {}  # file name -> 'official', 'NOT the official ...', 'unverified ...'
         zip_path = self.path if self.path.endswith(".zip") else os.path.join(self.path, "gzip.zip")
-        self._zip = zipfile.ZipFile(zip_path) if os.path.isfile(zip_path) else None
+        try:
+            self._zip = zipfile.ZipFile(zip_path) if os.path.isfile(zip_path) else None
+        except zipfile.BadZipFile:
+            raise DataError(f"{zip_path} is not a zip archive (damaged or incomplete?); download NIST's gzip.zip "
+                            "again, or point --data-dir at a folder of its .gz files") from None
 
     def _read_member(self, name: str) -> tuple[bytes, str] | None:
         """Raw bytes of `name` (looked up as .gz, then uncompressed) and the name found."""

@@ -1,6 +1,7 @@
 """Training: run directories, Keras callbacks, resume, and train_and_evaluate."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import glob
@@ -10,14 +11,16 @@ import os
 import sys
 import time
 
+import numpy as np
 
-from tf_emnist.config import TrainConfig
-from tf_emnist.files import atomic_path, read_json, save_figure, write_csv, write_json
+from tf_emnist.config import TrainConfig, config_from_dict
+from tf_emnist.files import atomic_path, pid_alive, read_json, read_json_object, save_figure, write_csv, write_json
 from tf_emnist.tasks import get_task
 
 log = logging.getLogger("tf_emnist")
 
 CONFIG, STATE, STEPS, HISTORY, MODEL = "config.json", "train_state.json", "steps.csv", "history.csv", "model.keras"
+BACKUP, LOCK = "backup", "run.lock"
 
 
 class RunDirError(ValueError):
@@ -42,10 +45,11 @@ def _same_config(run_dir: str, config: TrainConfig) -> bool:
         return False
 
 
-def check_run_dir(run_dir: str, config: TrainConfig) -> bool:
+def check_run_dir(run_dir: str, config: TrainConfig, *, locked: bool = False) -> bool:
     """Check that run_dir is new, empty, or holds the same unfinished run; writes nothing.
 
     Returns True when resuming. Never deletes or overwrites anything of another run.
+    `locked`: this process holds run_dir's lock, which does not count as content.
     """
     config_path = os.path.join(run_dir, CONFIG)
     if os.path.exists(config_path):
@@ -58,12 +62,46 @@ def check_run_dir(run_dir: str, config: TrainConfig) -> bool:
                 f"{run_dir} already holds this finished run; see its metrics.json, or pass a new --output to train again"
             )
         return True
-    if os.path.isdir(run_dir) and os.listdir(run_dir):
+    if os.path.isdir(run_dir) and set(os.listdir(run_dir)) - ({LOCK} if locked else set()):
         raise RunDirError(f"{run_dir} is not empty and holds no tf-emnist run; pass a new or empty --output")
     return False
 
 
-def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, model_to_save, replicas: int = 1):
+@contextlib.contextmanager
+def run_lock(run_dir: str):
+    """Hold run_dir/run.lock (this process's pid) while training; a second trainer is refused.
+
+    A lock whose process is gone (killed) is stale and taken over.
+    """
+    path = os.path.join(run_dir, LOCK)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid_alive(pid):
+                raise RunDirError(f"{run_dir} is being trained by another process (pid {pid}); wait for it, "
+                                  "or pass another --output") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    else:
+        raise RunDirError(f"{run_dir}: cannot take its lock {path}; remove it if no tf-emnist runs there")
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, model_to_save, replicas: int = 1,
+               clock=None):
     import keras
 
     from tf_emnist.model import lever_callbacks
@@ -142,14 +180,87 @@ def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, model_to
         keep_best,
         keras.callbacks.CSVLogger(os.path.join(run_dir, HISTORY), append=True),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), update_freq="epoch"),
+        *([SetEpochClock(clock)] if clock is not None else []),
         # Last, so a backup marks an epoch whose other outputs are already on disk.
-        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup"), double_checkpoint=True),
+        atomic_backup_class()(os.path.join(run_dir, BACKUP)),
     ]
+
+
+def SetEpochClock(clock):
+    """A callback that tells the training dataset's EpochClock which epoch starts."""
+    import keras
+
+    class SetClock(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            clock.epoch = epoch
+
+    return SetClock()
+
+
+def atomic_backup_class():
+    """Keras BackupAndRestore whose backups survive a kill or a full disk at any moment.
+
+    Each epoch's weights go to a temporary file first; the previous backup is kept (as
+    `*.bkp`) until the new one is complete with its metadata. A backup that cannot be read
+    is set aside with a one-line warning and the run resumes from the previous one (or, if
+    none is left, starts over), instead of failing on every rerun.
+    """
+    import keras
+
+    class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+        def __init__(self, backup_dir):
+            super().__init__(backup_dir, double_checkpoint=True)
+
+        def _pairs(self):
+            return ((self._weights_path, self._training_metadata_path),
+                    (self._prev_weights_path, self._prev_training_metadata_path))
+
+        def on_train_begin(self, logs=None):
+            (latest, meta), (prev, prev_meta) = self._pairs()
+            for weights, metadata in self._pairs():
+                if not os.path.exists(weights) or not os.path.exists(metadata):
+                    continue  # half a backup: its metadata was never written
+                try:
+                    saved = read_json(metadata)
+                    epoch = int(saved["epoch"])
+                    if self.model.optimizer is not None and not self.model.optimizer.built:
+                        self.model.optimizer.build(self.model.trainable_variables)
+                    self.model.load_weights(weights)
+                    for state, value in zip(self._seed_states(), saved.get("seed_states", [])):
+                        state.assign(np.asarray(value, dtype=state.dtype))
+                except Exception as e:  # a truncated or corrupt file, whatever the reader raises
+                    log.warning("the backup %s is unreadable (%s); resuming from an earlier one", weights,
+                                e.__class__.__name__)
+                    continue
+                self.model._initial_epoch = epoch
+                return
+            if any(os.path.exists(path) for pair in self._pairs() for path in pair):
+                log.warning("no readable backup in %s: the run starts over from its first epoch", self.backup_dir)
+
+        def _save_model(self):
+            (latest, meta), (prev, prev_meta) = self._pairs()
+            os.makedirs(self.backup_dir, exist_ok=True)
+            tmp = os.path.join(self.backup_dir, f".next-{os.getpid()}.weights.h5")
+            self.model.save_weights(tmp, overwrite=True)
+            if os.path.exists(latest) and os.path.exists(meta):  # keep the last complete backup
+                os.replace(meta, prev_meta)
+                os.replace(latest, prev)
+            os.replace(tmp, latest)
+            write_json(meta, {"epoch": self._current_epoch, "batch": self._last_batch_seen,
+                              "seed_states": [np.asarray(s.value).tolist() for s in self._seed_states()]})
+
+        def _seed_states(self):
+            # Dropout's random state is not among the saved weights: without it, a resumed run
+            # would draw other dropout masks than the uninterrupted one.
+            return [generator.state for layer in self.model._flatten_layers()
+                    for generator in getattr(layer, "_seed_generators", [])]
+
+    return AtomicBackupAndRestore
 
 
 def _past_val_accuracy(run_dir: str) -> list[float]:
     """Validation accuracy of the epochs a resumed run will not redo (those in its backup)."""
-    metadata = os.path.join(run_dir, "backup", "training_metadata.json")
+    metadata = os.path.join(run_dir, BACKUP, "training_metadata.json")
     finished = read_json(metadata).get("epoch", 0) if os.path.exists(metadata) else 0
     return [float(r["val_accuracy"]) for r in read_history(run_dir) if int(r["epoch"]) < finished]
 
@@ -178,8 +289,13 @@ def load_run(run_dir: str):
         raise FileNotFoundError(
             f"{run_dir} is not a tf-emnist run with a model (needs {CONFIG} and {MODEL}); train one with `tf-emnist train`"
         )
-    config = TrainConfig(**read_json(config_path))
-    return keras.saving.load_model(model_path, compile=False, custom_objects=custom_objects()), config, get_task(config.task)
+    config = config_from_dict(read_json_object(config_path, "the run's settings"), config_path)
+    try:
+        model = keras.saving.load_model(model_path, compile=False, custom_objects=custom_objects())
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{model_path} cannot be read ({e.__class__.__name__}): the file is damaged; "
+                         "retrain, or resume the run if it is unfinished") from None
+    return model, config, get_task(config.task)
 
 
 def distribution_strategy(name: str, gpus=None):
@@ -204,38 +320,53 @@ def distribution_strategy(name: str, gpus=None):
 
 
 def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> dict:
-    """Train config into run_dir (resuming an interrupted run there); returns train_state.json."""
-    import keras
-    import tensorflow as tf
+    """Train config into run_dir (resuming an interrupted run there); returns train_state.json.
 
-    from tf_emnist.data import load_split, make_dataset, split_validation
-    from tf_emnist.model import (build_model, compile_model, describe_lstm_training, keras_lstm_copy,
-                                 with_grouped_output)
-    from tf_emnist.model import steps_per_epoch as count_steps
+    The run directory is locked while training (see `run_lock`); backups are atomic (see
+    `atomic_backup_class`), and a resumed run draws the same data order as an uninterrupted one.
+    """
+    from tf_emnist.data import load_split, split_validation
 
     task = get_task(config.task)
     resuming = check_run_dir(run_dir, config)
     state_path = os.path.join(run_dir, STATE)
     if os.path.exists(state_path) and read_json(state_path).get("finished"):
+        write_training_plots(run_dir)  # any a kill interrupted
         return read_json(state_path)
     if config.fine_labels and task.class_of_source is None:
         raise ValueError(f"--fine-labels needs a task that groups a split's classes (digit-letter); "
                          f"{task.name} learns the split's classes already")
     # The data is checked before the run directory is made: bad data leaves no run behind.
     images, labels = load_split(task, "train", config, source_labels=config.fine_labels)
-    if not resuming:
-        os.makedirs(run_dir, exist_ok=True)
-        write_json(os.path.join(run_dir, CONFIG), config.to_dict())
-    log.info("%s the run in %s", "resuming" if resuming else "starting", run_dir)
+    train_idx, val_idx = split_validation(len(labels), config.validation_split, config.split_seed)
+    os.makedirs(run_dir, exist_ok=True)
+    with run_lock(run_dir):
+        resuming = check_run_dir(run_dir, config, locked=True)  # as it is now that this process holds it
+        if not resuming:
+            write_json(os.path.join(run_dir, CONFIG), config.to_dict())
+        log.info("%s the run in %s", "resuming" if resuming else "starting", run_dir)
+        return _fit(config, task, run_dir, images, labels, train_idx, val_idx, verbose)
+
+
+def _fit(config, task, run_dir, images, labels, train_idx, val_idx, verbose) -> dict:
+    import keras
+    import tensorflow as tf
+
+    from tf_emnist.data import EpochClock, make_dataset
+    from tf_emnist.model import (build_model, compile_model, describe_lstm_training, keras_lstm_copy,
+                                 with_grouped_output)
+    from tf_emnist.model import steps_per_epoch as count_steps
+
+    state_path = os.path.join(run_dir, STATE)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
 
-    train_idx, val_idx = split_validation(len(labels), config.validation_split, config.split_seed)
     strategy = distribution_strategy(config.strategy)
     global_batch = config.batch_size * strategy.num_replicas_in_sync
+    clock = EpochClock()
     train_ds = make_dataset(images, labels, global_batch, training=True, indices=train_idx, seed=config.seed,
-                            upright=config.upright, augment=config.augment)
+                            upright=config.upright, augment=config.augment, clock=clock)
     val_ds = make_dataset(images, labels, global_batch, training=False, indices=val_idx, upright=config.upright)
     steps = count_steps(len(train_idx), global_batch)
     log.info("%s: %d train / %d validation images, %d steps an epoch, %d replica(s); LSTM training: %s",
@@ -246,8 +377,8 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
     with strategy.scope():
         model = compile_model(build_model(config, outputs), config, steps, track_batch_loss=True,
                               replicas=strategy.num_replicas_in_sync)
-    if verbose is None:
-        verbose = 1 if sys.stdout.isatty() else 2
+    if verbose is None:  # a progress bar in terminals and notebooks, one line an epoch in logs
+        verbose = 1 if sys.stdout.isatty() or "ipykernel" in sys.modules else 2
 
     def model_to_save():
         """The model with plain Keras layers, answering the task's classes (grouped, with --fine-labels)."""
@@ -255,7 +386,7 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
         return with_grouped_output(plain, task.class_of_source) if config.fine_labels else plain
 
     model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, verbose=verbose, shuffle=False,
-              callbacks=_callbacks(run_dir, config, steps, model_to_save, strategy.num_replicas_in_sync))
+              callbacks=_callbacks(run_dir, config, steps, model_to_save, strategy.num_replicas_in_sync, clock))
 
     state = read_json(state_path)
     state.update(finished=True, train_examples=int(len(train_idx)), validation_examples=int(len(val_idx)))
@@ -277,7 +408,10 @@ def write_training_plots(run_dir: str) -> None:
 
 def train_and_evaluate(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> dict:
     """Train (or resume), then evaluate the best model on the test split; returns metrics.json."""
+    from tf_emnist.data import load_split
     from tf_emnist.evaluate import evaluate_run
 
+    if not os.path.exists(os.path.join(run_dir, "metrics.json")):
+        load_split(get_task(config.task), "test", config)  # a bad test file fails now, not after training
     train(config, run_dir, verbose=verbose)
     return evaluate_run(run_dir)

@@ -162,7 +162,7 @@ def plot_trials(rows: list[dict]):
 
 def best_config(tuner, base: TrainConfig) -> dict:
     """The best trial's settings as a train --config file: the task, every hyperparameter, epochs."""
-    trials = tuner.oracle.get_best_trials(1)
+    trials = [t for t in tuner.oracle.get_best_trials(len(tuner.oracle.trials)) if t.status == "COMPLETED"][:1]
     if not trials:
         raise RuntimeError("no trial finished; see the trials' messages above, fix the cause and rerun to resume")
     trial = trials[0]
@@ -186,6 +186,8 @@ def run_search(base: TrainConfig, space: dict, *, tuner_kind: str = "random", ma
 
     if tuner_kind not in TUNERS:
         raise ValueError(f"unknown tuner {tuner_kind!r}; choose one of: {', '.join(TUNERS)}")
+    if max_trials < 1 or max_epochs < 1:  # keras-tuner reads 0 trials as "no limit"
+        raise ValueError(f"max_trials and max_epochs must be at least 1; got {max_trials} and {max_epochs}")
     task = get_task(base.task)
     if base.fine_labels:
         raise ValueError("tune searches the task's own classes; drop --fine-labels (it is a train option)")
