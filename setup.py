@@ -28,6 +28,7 @@ setup(
         "pillow",
         "scipy",
         "scikit-image",
+        "psutil; platform_system == 'Windows'",  # peak memory where the resource module is missing
     ],
     extras_require={
         "serve": ["starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18"],

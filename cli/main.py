@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from tf_emnist.config import FIELDS, TrainConfig, coerce, read_config_file
+from tf_emnist.config import FIELDS, TrainConfig, coerce, resolve_config
 
 # Exit codes: 1 some inputs were skipped (the rest answered), 2 bad input or settings, 3 bad data,
 # 4 the file system refused (permissions, a full disk), 130 interrupted (rerun to resume).
@@ -63,24 +63,16 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=_typed(name), default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
 
 
-def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """Task preset (--preset) <- --config file <- command-line flags."""
-    from tf_emnist.tasks import get_task
-
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's settings from the parsed flags (see tf_emnist.config.resolve_config)."""
     given = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
-    from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
-    task = get_task(given.get("task") or from_file.get("task") or "merged")
-    settings = {**from_file, **given, "task": task.name}
-    for name in ("data_dir", "tfds_dir"):  # absolute, so the run's config works from any directory
-        if settings.get(name):
-            settings[name] = os.path.abspath(os.path.expanduser(settings[name]))
-    return task.get_preset(args.preset).replace(**settings)
+    return resolve_config(given, getattr(args, "config", None), args.preset)
 
 
 def cmd_train(args) -> int:
     from tf_emnist.training import default_run_dir, train, train_and_evaluate
 
-    config = resolve_config(args)
+    config = config_from_args(args)
     run_dir = args.output or default_run_dir(config)
     if not args.evaluate:  # choosing settings: validation only, the test split stays unseen
         state = train(config, run_dir)
@@ -129,7 +121,7 @@ def cmd_tune(args) -> int:
 
     overrides = read_space_file(args.space_file) if args.space_file else {}
     overrides.update(parse_override(text) for text in args.space)
-    base = resolve_config(args)
+    base = config_from_args(args)
     # A hyperparameter given as a flag (e.g. --hidden-dim 128) is pinned, not searched.
     fixed = {name: getattr(base, name) for name in HYPERPARAMETERS if hasattr(args, name)}
     space = resolve_space(overrides, fixed)
@@ -352,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tasks", nargs="+", default=["digit-letter", "merged"], help="presets to measure")
     bench.add_argument("--steps", type=int, default=30, help="timed training steps per round (default 30)")
     bench.add_argument("--rounds", type=int, default=2, help="Keras/PyTorch alternations; medians kept (default 2)")
-    bench.add_argument("--baseline", default=os.path.normpath(DEFAULT_BASELINE), help="the PyTorch yardstick script")
+    bench.add_argument("--baseline", default=os.path.normpath(DEFAULT_BASELINE),
+                       help="the PyTorch yardstick script (default: ../shared/baselines/seed_torch_lstm.py; "
+                            "PyTorch figures appear when torch is installed)")
     bench.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                        help="also measure peak RSS training on a full-size train split (default on)")
     bench.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=None,

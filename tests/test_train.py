@@ -132,36 +132,84 @@ def test_output_dir_of_another_run_is_refused_and_kept(nist_dir, tmp_path, capsy
     assert "not empty" in capsys.readouterr().err and (other / "keep.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--task", "letters"], "invalid choice: 'letters'"),
-    (["train", "--epochs", "seven"], "epochs: expected int, got 'seven'"),
-    (["train", "--dropout", "2"], "dropout must be in [0, 1)"),
-    (["train", "--data-dir", "/nonexistent/emnist"], "does not exist"),
-    (["evaluate", "/nonexistent/run"], "is neither a tf-emnist run (model.keras) nor an export"),
-])
-def test_bad_input_gets_one_line_and_nonzero_exit(args, message, capsys, tmp_path):
-    output = ["--output", tmp_path / "r"] if args[0] == "train" else []
-    assert run_cli(*args, *output) == 2
+def _bad_files(root):
+    """Inputs a user might hand over by mistake, made in root."""
+    (root / "folder").mkdir()
+    (root / "null.json").write_text('{"hidden_dim": null}')
+    (root / "unknown.json").write_text('{"hidden_size": 64}')
+    (root / "fake.zip").write_bytes(b"not a zip at all")
+    (root / "empty.npy").write_bytes(b"")
+    return root
+
+
+BAD_INPUTS = [  # (arguments, what the one line says, exit code); {root} is a folder of bad files
+    (["train", "--task", "letters"], "invalid choice: 'letters'", 2),
+    (["train", "--epochs", "seven"], "epochs: expected int, got 'seven'", 2),
+    (["train", "--dropout", "2"], "dropout must be in [0, 1)", 2),
+    (["train", "--data-dir", "/nonexistent/emnist"], "does not exist", 3),
+    (["train", "--data-dir", "{root}/fake.zip"], "is not a zip archive", 3),
+    (["train", "--config", "{root}/folder"], "is a directory", 2),
+    (["train", "--config", "{root}/null.json"], "hidden_dim: null is not allowed", 2),
+    (["train", "--config", "{root}/unknown.json"], "unknown setting(s) hidden_size", 2),
+    (["evaluate", "/nonexistent/run"], "is neither a tf-emnist run (model.keras) nor an export", 2),
+    (["tune", "--max-trials", "0"], "expected a positive integer, got 0", 2),
+    (["tune", "--max-epochs", "-3"], "expected a positive integer, got -3", 2),
+    (["predict", "saved_models/merged/5", "x.png", "--top-k", "0"], "expected a positive integer, got 0", 2),
+    (["serve", "saved_models/merged/5", "--port", "0"], "expected a positive integer, got 0", 2),
+]
+
+
+@pytest.mark.parametrize("args, message, code", BAD_INPUTS)
+def test_bad_input_gets_one_line_and_nonzero_exit(args, message, code, capsys, tmp_path):
+    root = _bad_files(tmp_path)
+    output = ["--output", tmp_path / "r"] if args[0] in ("train", "tune") else []
+    assert run_cli(*[a.format(root=root) for a in args], *output) == code
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "r").exists()  # bad input leaves no run directory behind
 
 
+def test_an_empty_npy_is_skipped_with_one_line(capsys, tmp_path):
+    root = _bad_files(tmp_path)
+    assert run_cli("predict", os.path.join(os.path.dirname(__file__), "..", "saved_models", "merged-tflite", "2"),
+                   root / "empty.npy") == 1
+    err = capsys.readouterr().err.strip()
+    assert "empty.npy: not a readable .npy file" in err and len(err.splitlines()) == 1, err
+
+
 def test_config_file_then_flags_override(nist_dir, tmp_path):
-    from tf_emnist.cli.main import build_parser, resolve_config
+    from tf_emnist.cli.main import build_parser, config_from_args
+    from tf_emnist.config import resolve_config
 
     best = tmp_path / "best_config.json"
     best.write_text(json.dumps({"task": "digit-letter", "hidden_dim": 64, "dropout": 0.3}))
     args = build_parser().parse_args(["train", "--config", str(best), "--dropout", "0.1"])
-    config = resolve_config(args)
+    config = config_from_args(args)
     assert (config.task, config.hidden_dim, config.dropout, config.epochs) == ("digit-letter", 64, 0.1, 8)
+    assert resolve_config({"dropout": 0.1}, best) == config  # the same, from a notebook
 
     best.write_text(json.dumps({"hidden_dims": 64}))
     with pytest.raises(ValueError, match="unknown setting.*hidden_dims"):
-        resolve_config(build_parser().parse_args(["train", "--config", str(best)]))
+        resolve_config({}, best)
     best.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        resolve_config(build_parser().parse_args(["train", "--config", str(best)]))
+        resolve_config({}, best)
+
+
+def test_a_run_records_every_choice_it_made_and_what_ran(nist_dir, tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from tf_emnist.model import AUTOMATIC
+
+    run = tmp_path / "run"
+    assert run_cli("train", "--data-dir", nist_dir, "--output", run, "--epochs", 1, "--no-evaluate",
+                   "--hidden-dim", 8, "--num-layers", 1, "--batch-size", 32) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert all(isinstance(config[name], bool) for name in AUTOMATIC), config  # no null where a choice was made
+    environment = json.loads((run / "train_state.json").read_text())["environments"][0]
+    assert (environment["tensorflow"], environment["keras"]) == (tf.__version__, keras.__version__)
+    assert environment["cpu"] and environment["python"]
 
 
 def test_same_seed_same_result(nist_dir, tmp_path):
@@ -285,7 +333,8 @@ def test_preset_best_builds_and_trains_on_fake_data(task, nist_dir, tmp_path):
                    "--limit-train", 40, "--batch-size", 20, "--epochs", 1, "--no-evaluate", "--no-jit-compile") == 0
     best = get_task(task).best
     model, config, _ = load_run(str(run))
-    assert config == best.replace(data_dir=config.data_dir, limit_train=40, batch_size=20, epochs=1, jit_compile=False)
+    assert config == best.replace(data_dir=config.data_dir, limit_train=40, batch_size=20, epochs=1, jit_compile=False,
+                                  lstm_kernel=False, bf16_gradients=False)  # the choices made, recorded
     assert config.bidirectional and config.augment > 0 and config.label_smoothing > 0
     # Both learn the 47 ByMerge classes; digit-letter's grouped head has no weights.
     assert model.count_params() == expected_parameter_count(config, 47)

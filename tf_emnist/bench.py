@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -16,7 +15,8 @@ from tf_emnist.config import TrainConfig
 from tf_emnist.tasks import get_task
 
 FULL_TRAIN = 697_932  # images in ByMerge train: the memory goal's size
-DEFAULT_BASELINE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "baselines", "seed_torch_lstm.py")
+# The PyTorch yardstick: the study's script, looked for in the working tree's sibling shared/ folder.
+DEFAULT_BASELINE = os.path.join("..", "shared", "baselines", "seed_torch_lstm.py")
 
 
 def cpu_name() -> str:
@@ -188,6 +188,9 @@ def torch_figures(baseline: str, task: str, steps: int) -> dict | None:
         import torch  # noqa: F401
     except ImportError:
         return None
+    if not os.path.isfile(baseline):
+        raise FileNotFoundError(f"the PyTorch yardstick {baseline} does not exist; pass --baseline PATH to the "
+                                "study's seed_torch_lstm.py")
     n = steps * 256
     run = subprocess.run([sys.executable, baseline, "--task", task, "--synthetic", str(max(n, 10240)),
                           "--max-steps", str(steps), "--epochs", "1"], capture_output=True, text=True, check=True)
@@ -209,7 +212,15 @@ def peak_rss_mb() -> float:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
     except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        pass
+    try:
+        import resource  # Unix only
+    except ImportError:  # Windows: the process's peak working set
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset / 2**20
+    scale = 2**20 if sys.platform == "darwin" else 2**10  # macOS reports bytes, Linux kilobytes
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def memory_probe(task: str = "merged", steps: int = 10) -> dict:

@@ -104,6 +104,20 @@ def kernel_matmul_dtype(config: TrainConfig) -> str:
     return "bfloat16" if bf16 else "float32"
 
 
+AUTOMATIC = ("jit_compile", "lstm_kernel", "bf16_gradients")  # settings left to the machine when unset
+
+
+def resolve_choices(config: TrainConfig) -> TrainConfig:
+    """`config` with every automatic choice made for this machine (XLA, the LSTM path, its matmul dtype).
+
+    A run records the result, so it can be told afterwards which numerics trained a model,
+    and a resume on another machine keeps them.
+    """
+    kernel = use_lstm_kernel(config)
+    return config.replace(jit_compile=use_xla(config), lstm_kernel=kernel,
+                          bf16_gradients=kernel and kernel_matmul_dtype(config) == "bfloat16")
+
+
 def describe_lstm_training(config: TrainConfig) -> str:
     """How the LSTMs train under `config`, in words (for benchmarks and logs)."""
     if not use_lstm_kernel(config):

@@ -15,12 +15,15 @@ import numpy as np
 
 from tf_emnist.config import TrainConfig, config_from_dict
 from tf_emnist.files import atomic_path, pid_alive, read_json, read_json_object, save_figure, write_csv, write_json
+from tf_emnist.model import AUTOMATIC, resolve_choices
 from tf_emnist.tasks import get_task
 
 log = logging.getLogger("tf_emnist")
 
 CONFIG, STATE, STEPS, HISTORY, MODEL = "config.json", "train_state.json", "steps.csv", "history.csv", "model.keras"
 BACKUP, LOCK = "backup", "run.lock"
+_NEW_STATE = {"best_val_accuracy": None, "best_epoch": None, "best_batch_loss": None, "train_seconds": 0.0,
+              "finished": False}
 
 
 class RunDirError(ValueError):
@@ -38,18 +41,21 @@ def default_run_dir(config: TrainConfig, runs_root: str = "runs") -> str:
 
 def _same_config(run_dir: str, config: TrainConfig) -> bool:
     # Through TrainConfig: a field added since the run was written takes its default, which
-    # is what that run did (new fields default to the old behaviour).
+    # is what that run did (new fields default to the old behaviour). A choice left to the
+    # machine (None here) matches whatever the run recorded.
     try:
-        return TrainConfig(**read_json(os.path.join(run_dir, CONFIG))).to_dict() == config.to_dict()
+        recorded = TrainConfig(**read_json(os.path.join(run_dir, CONFIG))).to_dict()
     except (OSError, json.JSONDecodeError, TypeError, ValueError):
         return False
+    wanted = config.to_dict()
+    return all(recorded[k] == v for k, v in wanted.items() if not (k in AUTOMATIC and v is None))
 
 
-def check_run_dir(run_dir: str, config: TrainConfig, *, locked: bool = False) -> bool:
+def check_run_dir(run_dir: str, config: TrainConfig) -> bool:
     """Check that run_dir is new, empty, or holds the same unfinished run; writes nothing.
 
-    Returns True when resuming. Never deletes or overwrites anything of another run.
-    `locked`: this process holds run_dir's lock, which does not count as content.
+    Returns True when resuming. Never deletes or overwrites anything of another run. A lock
+    alone is no content: `run_lock` tells whether its holder still runs.
     """
     config_path = os.path.join(run_dir, CONFIG)
     if os.path.exists(config_path):
@@ -62,7 +68,7 @@ def check_run_dir(run_dir: str, config: TrainConfig, *, locked: bool = False) ->
                 f"{run_dir} already holds this finished run; see its metrics.json, or pass a new --output to train again"
             )
         return True
-    if os.path.isdir(run_dir) and set(os.listdir(run_dir)) - ({LOCK} if locked else set()):
+    if os.path.isdir(run_dir) and set(os.listdir(run_dir)) - {LOCK}:
         raise RunDirError(f"{run_dir} is not empty and holds no tf-emnist run; pass a new or empty --output")
     return False
 
@@ -147,10 +153,7 @@ def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, model_to
         def __init__(self):
             super().__init__()
             self.path = os.path.join(run_dir, STATE)
-            self.state = read_json(self.path) if os.path.exists(self.path) else {
-                "best_val_accuracy": None, "best_epoch": None, "best_batch_loss": None,
-                "train_seconds": 0.0, "finished": False,
-            }
+            self.state = read_json(self.path) if os.path.exists(self.path) else dict(_NEW_STATE)
 
         def on_epoch_begin(self, epoch, logs=None):
             self.started = time.perf_counter()
@@ -341,11 +344,45 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
     train_idx, val_idx = split_validation(len(labels), config.validation_split, config.split_seed)
     os.makedirs(run_dir, exist_ok=True)
     with run_lock(run_dir):
-        resuming = check_run_dir(run_dir, config, locked=True)  # as it is now that this process holds it
-        if not resuming:
+        resuming = check_run_dir(run_dir, config)  # as it is now that this process holds it
+        here = resolve_choices(config)
+        if resuming:  # the recorded choices, whatever this machine would choose
+            recorded = config_from_dict(read_json(os.path.join(run_dir, CONFIG)), os.path.join(run_dir, CONFIG))
+            changed = [f"{k}={getattr(recorded, k)} (here: {getattr(here, k)})" for k in AUTOMATIC
+                       if getattr(recorded, k) is not None and getattr(recorded, k) != getattr(here, k)]
+            if changed:
+                log.warning("resuming with the run's recorded choices %s; this machine would choose otherwise",
+                            ", ".join(changed))
+            config = recorded.replace(**{k: getattr(here, k) for k in AUTOMATIC if getattr(recorded, k) is None})
+        else:
+            config = here
             write_json(os.path.join(run_dir, CONFIG), config.to_dict())
+        _record_environment(run_dir)
         log.info("%s the run in %s", "resuming" if resuming else "starting", run_dir)
         return _fit(config, task, run_dir, images, labels, train_idx, val_idx, verbose)
+
+
+def environment() -> dict:
+    """What ran: versions, the machine, the devices."""
+    import platform
+
+    import keras
+    import tensorflow as tf
+
+    from tf_emnist import __version__
+    from tf_emnist.bench import cpu_name
+
+    return {"tf_emnist": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
+            "gpus": [d.name for d in tf.config.list_logical_devices("GPU")]}
+
+
+def _record_environment(run_dir: str) -> None:
+    """train_state.json's `environments`: one entry per start of the run (a resume adds one)."""
+    path = os.path.join(run_dir, STATE)
+    state = read_json(path) if os.path.exists(path) else dict(_NEW_STATE)
+    state["environments"] = [*state.get("environments", []), environment()]
+    write_json(path, state)
 
 
 def _fit(config, task, run_dir, images, labels, train_idx, val_idx, verbose) -> dict:
