@@ -7,10 +7,10 @@ its models), so that members kept in the repository outlive the run directories.
 evaluated on the validation images all of them held out (same seed and fraction). The
 candidate with the best validation accuracy is evaluated once on the official test
 split. The same is done for digit-letter, scored by the summed probabilities of digits
-and letters (what a `--fine-labels` model answers). Writes results/ensembles/validation.csv
+and letters (what a `--fine-labels` model answers). Writes OUTPUT/validation.csv
 and one metrics.json per tested choice.
 
-Usage: scripts/choose_ensemble.py BEST_RUN OTHER_RUN... [--output results/ensembles]
+Usage: scripts/choose_ensemble.py BEST_RUN OTHER_RUN... [--output results/ensemble]
        (a run directory or an export, e.g. saved_models/merged/1, wherever a run goes)
 """
 import argparse
@@ -18,11 +18,9 @@ import itertools
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from tf_emnist.evaluate import evaluate_runs  # noqa: E402
-from tf_emnist.export import is_export  # noqa: E402
-from tf_emnist.files import write_csv  # noqa: E402
+from tf_emnist.evaluate import evaluate_runs
+from tf_emnist.export import is_export
+from tf_emnist.files import write_csv
 
 
 def member_name(path: str) -> str:
@@ -37,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("best")
     parser.add_argument("others", nargs="+")
-    parser.add_argument("--output", default="results/ensembles")
+    parser.add_argument("--output", default="results/ensemble")
     args = parser.parse_args()
 
     groups = [(args.best,)] + [(args.best, *more) for n in range(1, len(args.others) + 1)

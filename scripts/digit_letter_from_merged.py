@@ -15,13 +15,11 @@ import os
 import shutil
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from tf_emnist.config import HYPERPARAMETERS  # noqa: E402
-from tf_emnist.files import atomic_path, read_json, write_json  # noqa: E402
-from tf_emnist.model import with_grouped_output  # noqa: E402
-from tf_emnist.tasks import get_task  # noqa: E402
-from tf_emnist.training import load_run  # noqa: E402
+from tf_emnist.config import HYPERPARAMETERS
+from tf_emnist.files import atomic_path, read_json, write_json
+from tf_emnist.model import with_grouped_output
+from tf_emnist.tasks import get_task
+from tf_emnist.training import load_run
 
 
 def main(merged_run: str, output: str) -> None:

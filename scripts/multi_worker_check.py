@@ -29,7 +29,6 @@ def worker(index: int, ports: list[int]) -> None:
     """One worker: fit under MultiWorkerMirroredStrategy and print the weights' checksum as JSON."""
     os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
                                           "task": {"type": "worker", "index": index}})
-    sys.path.insert(0, ROOT)
     import keras
     import numpy as np
     import tensorflow as tf

@@ -4,17 +4,17 @@
 # official test split). Usage: scripts/reproduce_study.sh DATA_DIR [OUT_DIR]
 set -euo pipefail
 data=${1:?usage: $0 DATA_DIR [OUT_DIR]}
-out=${2:-results}
+out=${2:-results/study}
 py=${PYTHON:-.venv/bin/python}
 baseline=${BASELINE:-../shared/baselines/seed_torch_lstm.py}
 mkdir -p "$out"
 for task in merged digit-letter; do
-  "$py" -m tf_emnist.cli.main train --task "$task" --data-dir "$data" --output "runs/study-$task" 2>&1 | tee "$out/study-$task.log"
-  mkdir -p "$out/study-$task"
-  cp runs/study-$task/{config.json,metrics.json,history.csv,steps.csv,*.png} "$out/study-$task/"
+  "$py" -m tf_emnist.cli.main train --task "$task" --data-dir "$data" --output "runs/study-$task" 2>&1 | tee "$out/$task.log"
+  mkdir -p "$out/$task"
+  cp runs/study-$task/{config.json,metrics.json,history.csv,steps.csv,*.png} "$out/$task/"
 done
 if "$py" -c "import torch" 2>/dev/null; then
   for task in merged digit-letter; do
-    "$py" "$baseline" --task "$task" --data "$data" | tee "$out/torch-$task.json"
+    "$py" "$baseline" --task "$task" --data "$data" | tee "$out/pytorch-$task.json"
   done
 fi

@@ -7,16 +7,16 @@
 # Usage: scripts/tune_merged.sh DATA_DIR [OUT_DIR]
 set -euo pipefail
 data=${1:?usage: $0 DATA_DIR [OUT_DIR]}
-out=${2:-results}
+out=${2:-results/tune}
 tf=${TF_EMNIST:-.venv/bin/tf-emnist}
 search=runs/tune-merged-random
 "$tf" tune --task merged --data-dir "$data" --tuner random --max-trials 5 --max-epochs 3 \
   --limit-train 20000 --output "$search" --no-bidirectional \
   --space hidden_dim=128:320 --space num_layers=2:3 --space learning_rate=0.0003:0.003 \
-  --space dropout=0.0:0.4 2>&1 | tee "$out/tune-merged.log"
-mkdir -p "$out/tune-merged"
-cp "$search"/{best_config.json,results.csv,trials.png} "$out/tune-merged/"
+  --space dropout=0.0:0.4 2>&1 | tee "$out/merged.log"
+mkdir -p "$out/merged"
+cp "$search"/{best_config.json,results.csv,trials.png} "$out/merged/"
 "$tf" train --config "$search/best_config.json" --epochs 7 --data-dir "$data" --output runs/tuned-merged \
-  2>&1 | tee "$out/tuned-merged.log"
-mkdir -p "$out/tuned-merged"
-cp runs/tuned-merged/{config.json,metrics.json,history.csv,steps.csv,*.png} "$out/tuned-merged/"
+  2>&1 | tee "$out/merged-best-trained.log"
+mkdir -p "$out/merged-best-trained"
+cp runs/tuned-merged/{config.json,metrics.json,history.csv} "$out/merged-best-trained/"

@@ -94,7 +94,7 @@ def test_dataset_batches_shuffles_each_epoch_and_keeps_pairs():
 
 
 def test_pipelines_run_without_the_tf_data_autotuner():
-    # Under Keras fit, the autotuner's timer made epochs wait for its next round (benchmarks/autotune.py).
+    # Under Keras fit, the autotuner's timer made epochs wait for its next round (docs/performance.md).
     labels = np.arange(16, dtype=np.int32) % 28
     images = make_images(labels, np.random.default_rng(0))
     for training in (True, False):

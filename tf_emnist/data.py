@@ -228,7 +228,7 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, tra
     # With the autotuner off, AUTOTUNE means one call per CPU core (at most 16) and the
     # prefetch buffer still grows on demand. The autotuner re-plans on a timer (10 ms,
     # doubling), and under Keras fit an epoch that ends between two of its rounds waited
-    # for the next: epochs took up to 1.7x as long (`python benchmarks/autotune.py`).
+    # for the next: epochs took up to 1.7x as long (docs/performance.md).
     options = tf.data.Options()
     options.autotune.enabled = False
     ds = ds.map(load_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).with_options(options)

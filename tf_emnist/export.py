@@ -60,7 +60,7 @@ def make_serving_function(model, class_names, config: TrainConfig, *, stored_ori
 
     def in_halves(images):
         # Two independent launches, which TensorFlow's executor runs side by side: 1.17x the
-        # throughput of one launch at batch 1024 on 2 cores (benchmarks/levers.py).
+        # throughput of one launch at batch 1024 on 2 cores (docs/performance.md).
         half = tf.shape(images)[0] // 2
         return tf.concat([classify(images[:half]), classify(images[half:])], axis=0)
 

@@ -2,13 +2,13 @@
 
 Under XLA, every matmul of the LSTM runs in float32: XLA's CPU back end has no faster
 bfloat16 dot. TensorFlow's own MatMul runs bfloat16 through oneDNN at 1.5-1.9x its float32
-rate on an AMD EPYC with AVX512-BF16 (`python benchmarks/cpu_ceiling.py`), but at 0.4-0.8x
+rate on an AMD EPYC with AVX512-BF16 (docs/performance.md), but at 0.4-0.8x
 on an Intel Xeon with AVX512-BF16 and no AMX: whether it pays is measured, once a process
 (`bf16_matmul_pays`). This kernel splits the training pass between the two:
 
 - the two recurrences (the forward pass over the 28 steps and its backward pass) are
   compiled by XLA, in float32; each half of the batch runs as its own LSTM, and the two run
-  side by side (`BATCH_HALVES`, `lstm_in_parts`);
+  side by side (`lstm_in_parts`);
 - the four large matmuls run outside XLA, each over all 28 steps at once (as cuDNN and
   oneDNN do), so each is one matmul with 28 x batch rows, not 28 small ones: the forward
   pass's input projection, and in the backward pass the input kernel's and the recurrent
@@ -32,11 +32,6 @@ import time
 # bfloat16 over float32 for TensorFlow's MatMul near the probe's shape: 1.9x on an AMD EPYC with AVX512-BF16,
 # 0.59-0.75x on an Intel Xeon (family 6, model 207) whose hypervisor shows AVX512-BF16 but not AMX.
 BF16_MIN_SPEEDUP = 1.3
-# Run each half of the batch as its own LSTM, which TensorFlow's executor runs side by side. On 2
-# cores TensorFlow's threads scale poorly over one small matmul (a step's 256 x 256 x 1,024: 1.25-1.4x
-# one thread, where MKL's threads reach 1.9x): halves trained the float32 kernel at 1.21x
-# (digit-letter) and 1.05x (merged) one launch on an Intel Xeon (benchmarks/kernel_float32.py).
-BATCH_HALVES = True
 
 
 def cpu_has_bf16_matmul() -> bool:
@@ -77,12 +72,11 @@ def bf16_matmul_pays() -> bool:
 
 
 @functools.cache
-def lstm_function(matmul_dtype: str = "bfloat16", projection_dtype: str | None = None):
+def lstm_function(matmul_dtype: str = "bfloat16"):
     """The custom-gradient LSTM (x, h0, c0, kernel, recurrent_kernel, bias) -> (h of every step, last c).
 
     x is time-major [T, B, D]. `matmul_dtype` is the four large matmuls' ("float32" gives Keras's forward
-    pass and autodiff's gradients, to float32 rounding); `projection_dtype`, when given, overrides it for the
-    forward input projection (benchmarks/kernel_projection.py). `lstm_in_parts` runs it over parts of a batch.
+    pass and autodiff's gradients, to float32 rounding). `lstm_in_parts` runs it over parts of a batch.
     """
     import tensorflow as tf
 
@@ -118,7 +112,7 @@ def lstm_function(matmul_dtype: str = "bfloat16", projection_dtype: str | None =
             return gs[t], cs[t], c_prev[t], d_hs[t]
 
         # Each step's inputs are sliced one step ahead, into the loop's state: the element-wise
-        # fusions then read plain buffers (1.02-1.04x a training step, benchmarks/kernel_revisions.py).
+        # fusions then read plain buffers (1.02-1.04x a training step, docs/performance.md).
         ahead = step_inputs(steps - 1)
         for k in tf.range(steps):
             t = steps - 1 - k
@@ -146,7 +140,7 @@ def lstm_function(matmul_dtype: str = "bfloat16", projection_dtype: str | None =
         """x [T, B, D] (time-major) -> (h of every step [T, B, H], c of the last step)."""
         steps, batch = x.shape[0], tf.shape(x)[1]
         rows = over_steps(x)
-        projected = tf.reshape(matmul(rows, kernel, projection_dtype or matmul_dtype) + bias, (steps, batch, -1))
+        projected = tf.reshape(matmul(rows, kernel) + bias, (steps, batch, -1))
         # The custom gradient below replaces autodiff: keep the tape out of the XLA call.
         hs, cs, gs = forward(*map(tf.stop_gradient, (projected, h0, c0, recurrent_kernel)))
 
@@ -175,7 +169,8 @@ def lstm_in_parts(sequences, h0, c0, kernel, recurrent_kernel, bias, matmul_dtyp
     With `halves`, each half of the batch runs as its own LSTM (`lstm_function`), and TensorFlow's
     executor runs the two side by side: their XLA recurrences and their large matmuls. On 2 cores
     TensorFlow's threads scale poorly over one small matmul, so two halves keep both cores busier
-    than one batch (`BATCH_HALVES`). Each half has its own input projection and large matmuls, so no
+    than one batch: halves trained the float32 kernel at 1.21x (digit-letter) and 1.05x (merged)
+    one launch on an Intel Xeon. Each half has its own input projection and large matmuls, so no
     batch-sized tensor is sliced or stitched inside the kernel, and autodiff adds up the two
     halves' weight gradients.
     """
@@ -222,8 +217,7 @@ def kernel_lstm_class():
             if self.go_backwards:
                 sequences = tf.reverse(sequences, [1])
             last_h, hs, c_last = lstm_in_parts(sequences, *initial_state, cell.kernel.value,
-                                               cell.recurrent_kernel.value, cell.bias.value, self.matmul_dtype,
-                                               halves=BATCH_HALVES)
+                                               cell.recurrent_kernel.value, cell.bias.value, self.matmul_dtype)
             # Keras's layout: batch-major, in the order the steps were processed.
             return last_h, hs, [last_h, c_last]
 

@@ -87,7 +87,7 @@ def use_lstm_kernel(config: TrainConfig) -> bool:
     Default: on a CPU, with XLA on and no mixed precision; its large matmuls in bfloat16
     where that measures faster (`kernel_matmul_dtype`). In float32 it trained at 1.50-1.60x
     Keras's XLA step on digit-letter and 1.30-1.32x on merged on an Intel Xeon (`tf-emnist
-    bench`, results/bench-16th-session-intel*.txt).
+    bench`, results/bench/intel-xeon.txt).
     """
     import tensorflow as tf
 
