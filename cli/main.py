@@ -63,6 +63,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=_typed(name), default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
 
 
+TUNE_EPOCHS, TUNE_PATIENCE = 3, 2  # tune's short trials, unless --epochs / --patience say otherwise
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's settings from the parsed flags (see tf_emnist.config.resolve_config)."""
     given = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
@@ -127,9 +130,12 @@ def cmd_tune(args) -> int:
     space = resolve_space(overrides, fixed)
     set_distributed_env(args.distributed, args.oracle_host, args.oracle_port, args.worker_id, args.connect_timeout)
     output = args.output or os.path.join("runs", f"tune-{base.task}-{args.tuner}")
-    best = run_search(base, space, tuner_kind=args.tuner, max_trials=args.max_trials, max_epochs=args.max_epochs,
-                      output=output, overwrite=args.overwrite,
-                      patience=base.patience if hasattr(args, "patience") else 2)
+    # The run's own names: --epochs bounds a trial (default 3 here, short trials), --patience
+    # stops it early (default 2 here).
+    epochs = base.epochs if hasattr(args, "epochs") else TUNE_EPOCHS
+    patience = base.patience if hasattr(args, "patience") else TUNE_PATIENCE
+    best = run_search(base, space, tuner_kind=args.tuner, max_trials=args.max_trials, max_epochs=epochs,
+                      output=output, overwrite=args.overwrite, patience=patience)
     if best is not None:
         print(f"best configuration: {os.path.join(output, 'best_config.json')}\n"
               f"train it: tf-emnist train --config {os.path.join(output, 'best_config.json')}")
@@ -265,10 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = sub.add_parser("tune", help="search hyperparameters with keras-tuner (validation split only)",
                           description="Rerunning the same command resumes the search; --overwrite starts over. "
-                                      "Flags for hyperparameters pin them; --space narrows the rest.")
+                                      "Flags for hyperparameters pin them; --space narrows the rest. "
+                                      f"--epochs is a trial's maximum (default {TUNE_EPOCHS} here) and --patience "
+                                      f"stops a trial early (default {TUNE_PATIENCE} here).")
     tune.add_argument("--tuner", default="random", help="random, bayesian or hyperband (default random)")
     tune.add_argument("--max-trials", type=_positive_int, default=10, help="trials for random/bayesian (default 10)")
-    tune.add_argument("--max-epochs", type=_positive_int, default=3, help="epochs per trial at most (default 3)")
     tune.add_argument("--space", action="append", default=[], metavar="NAME=SPEC",
                       help="narrow the space: name=value (fixed), name=min:max, name=a,b,c; repeatable")
     tune.add_argument("--space-file", metavar="JSON", help="search space overrides as a JSON object")
@@ -363,6 +370,32 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = sub.add_parser("tasks", help="list the tasks and their presets")
     tasks.set_defaults(func=cmd_tasks)
     return parser
+
+
+def cli_reference() -> str:
+    """docs/cli.md: every command and flag, from the parser itself (a test keeps the file in step)."""
+    os.environ["COLUMNS"] = "100"  # the usage blocks wrap alike on every terminal
+    parser = build_parser()
+    lines = ["# Command reference", "",
+             "Generated from the parser by `python scripts/write_cli_docs.py`; `tf-emnist COMMAND --help` says the same.",
+             "", "| command | what it does |", "|---|---|"]
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {choice.dest: choice.help for choice in subparsers._choices_actions}
+    lines += [f"| [`{name}`](#{name}) | {helps[name]} |" for name in subparsers.choices]
+    lines += ["", "Global flags: " + ", ".join(f"`{', '.join(a.option_strings)}`" for a in parser._actions
+                                             if a.option_strings and a.dest != "help") + "."]
+    for name, sub in subparsers.choices.items():
+        lines += ["", f"## {name}", "", "```text", sub.format_usage().strip().replace("usage: ", ""), "```", ""]
+        if sub.description:
+            lines += [sub.description, ""]
+        lines += ["| flag | meaning |", "|---|---|"]
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            flag = ", ".join(action.option_strings) or action.metavar or action.dest
+            text = (action.help or "").replace("|", "\\|") % {"default": action.default, "prog": sub.prog}
+            lines.append(f"| `{flag}` | {text} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:

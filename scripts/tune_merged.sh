@@ -10,7 +10,7 @@ data=${1:?usage: $0 DATA_DIR [OUT_DIR]}
 out=${2:-results/tune}
 tf=${TF_EMNIST:-.venv/bin/tf-emnist}
 search=runs/tune-merged-random
-"$tf" tune --task merged --data-dir "$data" --tuner random --max-trials 5 --max-epochs 3 \
+"$tf" tune --task merged --data-dir "$data" --tuner random --max-trials 5 --epochs 3 \
   --limit-train 20000 --output "$search" --no-bidirectional \
   --space hidden_dim=128:320 --space num_layers=2:3 --space learning_rate=0.0003:0.003 \
   --space dropout=0.0:0.4 2>&1 | tee "$out/merged.log"

@@ -153,7 +153,7 @@ BAD_INPUTS = [  # (arguments, what the one line says, exit code); {root} is a fo
     (["train", "--config", "{root}/unknown.json"], "unknown setting(s) hidden_size", 2),
     (["evaluate", "/nonexistent/run"], "is neither a tf-emnist run (model.keras) nor an export", 2),
     (["tune", "--max-trials", "0"], "expected a positive integer, got 0", 2),
-    (["tune", "--max-epochs", "-3"], "expected a positive integer, got -3", 2),
+    (["tune", "--epochs", "0"], "epochs must be", 2),
     (["predict", "saved_models/merged/5", "x.png", "--top-k", "0"], "expected a positive integer, got 0", 2),
     (["serve", "saved_models/merged/5", "--port", "0"], "expected a positive integer, got 0", 2),
 ]

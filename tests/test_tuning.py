@@ -58,7 +58,7 @@ def test_space_overrides_narrow_and_are_checked():
 
 
 def tune_args(data, output, *extra):
-    return ["tune", "--data-dir", data, "--output", output, "--max-epochs", 1, "--no-jit-compile",
+    return ["tune", "--data-dir", data, "--output", output, "--epochs", 1, "--no-jit-compile",
             "--space", "hidden_dim=4:8", "--num-layers", 1, "--batch-size", 32, "--no-bidirectional", *extra]
 
 
