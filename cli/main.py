@@ -10,7 +10,8 @@ import sys
 
 import numpy as np
 
-from tf_emnist.config import FIELDS, TrainConfig, coerce, resolve_config
+from tf_emnist.config import FIELDS, TrainConfig, coerce
+from tf_emnist.tasks import resolve_config
 
 # Exit codes: 1 some inputs were skipped (the rest answered), 2 bad input or settings, 3 bad data,
 # 4 the file system refused (permissions, a full disk), 130 interrupted (rerun to resume).
@@ -67,13 +68,14 @@ TUNE_EPOCHS, TUNE_PATIENCE = 3, 2  # tune's short trials, unless --epochs / --pa
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The run's settings from the parsed flags (see tf_emnist.config.resolve_config)."""
+    """The run's settings from the parsed flags (see tf_emnist.tasks.resolve_config)."""
     given = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     return resolve_config(given, getattr(args, "config", None), args.preset)
 
 
 def cmd_train(args) -> int:
-    from tf_emnist.training import default_run_dir, train, train_and_evaluate
+    from tf_emnist.runs import default_run_dir
+    from tf_emnist.training import train, train_and_evaluate
 
     config = config_from_args(args)
     run_dir = args.output or default_run_dir(config)
@@ -408,7 +410,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("tf_emnist").setLevel(logging.WARNING if args.quiet else args.log_level.upper())
     from tf_emnist.nist import DataError
-    from tf_emnist.training import RunDirError
+    from tf_emnist.runs import RunDirError
 
     try:
         return args.func(args)

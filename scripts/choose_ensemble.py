@@ -16,7 +16,6 @@ Usage: scripts/choose_ensemble.py BEST_RUN OTHER_RUN... [--output results/ensemb
 import argparse
 import itertools
 import os
-import sys
 
 from tf_emnist.evaluate import evaluate_runs
 from tf_emnist.export import is_export

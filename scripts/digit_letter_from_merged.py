@@ -19,7 +19,7 @@ from tf_emnist.config import HYPERPARAMETERS
 from tf_emnist.files import atomic_path, read_json, write_json
 from tf_emnist.model import with_grouped_output
 from tf_emnist.tasks import get_task
-from tf_emnist.training import load_run
+from tf_emnist.runs import load_run
 
 
 def main(merged_run: str, output: str) -> None:

@@ -1,6 +1,8 @@
 """The CLI around the library: its reference page, version, and log levels."""
 import os
 
+import pytest
+
 from tests.conftest import run_cli
 from tf_emnist.cli.main import cli_reference
 
@@ -33,3 +35,36 @@ def test_version_and_tasks_start_without_the_unix_only_resource_module(capsys):
     from tf_emnist import __version__
 
     assert capsys.readouterr().out.strip() == f"tf-emnist {__version__}"
+
+
+def test_the_library_has_no_import_cycle_and_never_imports_the_cli_or_the_tuner():
+    import ast
+
+    package = os.path.join(ROOT, "tf_emnist")
+    modules = {name[:-3] for name in os.listdir(package) if name.endswith(".py") and name != "__init__.py"}
+    graph = {}
+    for module in modules:
+        tree = ast.parse(open(os.path.join(package, module + ".py")).read())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not {m for m in imported if m.startswith(("tf_emnist.cli", "tf_emnist.tuning", "cli", "tuning"))}, module
+        graph[module] = {m.split(".")[1] for m in imported if m.startswith("tf_emnist.")} & modules - {module}
+
+    def reaches(start, target, seen=()):
+        return any(d == target or (d not in seen and reaches(d, target, (*seen, d))) for d in graph[start])
+
+    assert [m for m in sorted(modules) if reaches(m, m)] == []
+
+
+@pytest.mark.slow
+def test_a_wheel_installs_nothing_but_tf_emnist(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), ROOT], check=True, capture_output=True, timeout=600)
+    wheel = next(tmp_path.glob("tf_emnist-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {"tf_emnist"}
+    assert "tf_emnist/cli/main.py" in names and "tf_emnist/tuning/search.py" in names
+    assert "tf_emnist/static/index.html" in names

@@ -11,7 +11,8 @@ from tf_emnist.config import TrainConfig
 from tf_emnist.export import export_model
 from tf_emnist.predict import read_inputs
 from tf_emnist.preprocess import preprocess
-from tf_emnist.training import load_run, train
+from tf_emnist.runs import load_run
+from tf_emnist.training import train
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import run_cli
 from tf_emnist import training as train_module
 from tf_emnist.config import TrainConfig
-from tf_emnist.training import read_history
+from tf_emnist.runs import read_history
 
 TINY = ["--hidden-dim", "8", "--num-layers", "1", "--batch-size", "32", "--log-every", "2", "--no-jit-compile"]
 
@@ -179,7 +179,7 @@ def test_an_empty_npy_is_skipped_with_one_line(capsys, tmp_path):
 
 def test_config_file_then_flags_override(nist_dir, tmp_path):
     from tf_emnist.cli.main import build_parser, config_from_args
-    from tf_emnist.config import resolve_config
+    from tf_emnist.tasks import resolve_config
 
     best = tmp_path / "best_config.json"
     best.write_text(json.dumps({"task": "digit-letter", "hidden_dim": 64, "dropout": 0.3}))
@@ -303,7 +303,7 @@ def test_ema_and_plateau_levers_train_through_the_cli(nist_dir, tmp_path):
 
 
 def test_fine_labels_digit_letter_learns_47_classes_and_answers_2(nist_dir, tmp_path):
-    from tf_emnist.training import load_run
+    from tf_emnist.runs import load_run
 
     run = tmp_path / "run"
     assert run_cli("train", "--task", "digit-letter", "--fine-labels", "--data-dir", nist_dir, "--output", run,
@@ -325,7 +325,7 @@ def test_fine_labels_is_refused_for_a_task_without_groups(nist_dir, tmp_path, ca
 def test_preset_best_builds_and_trains_on_fake_data(task, nist_dir, tmp_path):
     from tf_emnist.model import expected_parameter_count
     from tf_emnist.tasks import get_task
-    from tf_emnist.training import load_run
+    from tf_emnist.runs import load_run
 
     run = tmp_path / "run"
     # The best preset as it is, on a few images for one epoch.
@@ -351,7 +351,7 @@ def test_digit_letter_best_run_made_from_a_merged_best_run(nist_dir, tmp_path):
     import sys
 
     from tf_emnist.evaluate import evaluate_run
-    from tf_emnist.training import load_run
+    from tf_emnist.runs import load_run
 
     merged = tmp_path / "merged"
     assert run_cli("train", "--task", "merged", "--preset", "best", "--data-dir", nist_dir, "--output", merged,
@@ -373,7 +373,7 @@ def test_digit_letter_best_run_made_from_a_merged_best_run(nist_dir, tmp_path):
 def test_validation_then_ensemble_evaluation(nist_dir, tmp_path, capsys, monkeypatch):
     from tf_emnist.data import load_split
     from tf_emnist.evaluate import _softmax, predict_logits
-    from tf_emnist.training import load_run
+    from tf_emnist.runs import load_run
 
     runs = []
     for width in (8, 16):  # two members that hold out the same validation split (same seed)
@@ -419,7 +419,7 @@ def test_validation_then_ensemble_evaluation(nist_dir, tmp_path, capsys, monkeyp
 def test_test_time_augmentation_is_seeded_and_averages_views(nist_dir, tmp_path, capsys):
     from tf_emnist.data import load_split, random_affine, to_model_input
     from tf_emnist.evaluate import _softmax, predict_logits
-    from tf_emnist.training import load_run
+    from tf_emnist.runs import load_run
 
     run = tmp_path / "run"
     assert run_cli("train", "--data-dir", nist_dir, "--output", run, "--epochs", 1, "--no-evaluate", *TINY) == 0

@@ -12,8 +12,9 @@ from tf_emnist.model import build_model, compile_model, expected_parameter_count
 from tf_emnist.nist import DataError, NistFolder, parse_idx
 from tf_emnist.predict import Predictor, read_image
 from tf_emnist.preprocess import ImageError, preprocess, segment_line
-from tf_emnist.tasks import TASKS, Task, get_task
-from tf_emnist.training import RunDirError, train, train_and_evaluate
+from tf_emnist.tasks import TASKS, Task, get_task, resolve_config
+from tf_emnist.runs import RunDirError, load_run, read_history
+from tf_emnist.training import train, train_and_evaluate
 
 __all__ = [
     "HYPERPARAMETERS", "TrainConfig", "read_config_file",
@@ -22,6 +23,6 @@ __all__ = [
     "export_model", "make_serving_function", "Predictor", "read_image", "ImageError", "preprocess", "segment_line",
     "build_model", "compile_model", "expected_parameter_count",
     "DataError", "NistFolder", "parse_idx",
-    "TASKS", "Task", "get_task",
-    "RunDirError", "train", "train_and_evaluate",
+    "TASKS", "Task", "get_task", "resolve_config",
+    "RunDirError", "load_run", "read_history", "train", "train_and_evaluate",
 ]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -20,14 +19,10 @@ DEFAULT_BASELINE = os.path.join("..", "shared", "baselines", "seed_torch_lstm.py
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    """The CPU and its core count, for the benchmark's header."""
+    from tf_emnist.runs import cpu_name as model_name
+
+    return f"{model_name()} ({os.cpu_count()} cores)"
 
 
 def synthetic(n: int, num_classes: int, seed: int = 0):

@@ -173,19 +173,3 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     check_keys(values, str(path))
     return {k: coerce(k, v) for k, v in values.items()}
 
-
-def resolve_config(given: dict[str, Any], config_file: str | os.PathLike | None = None,
-                   preset: str = "study") -> TrainConfig:
-    """The task's preset, then the settings of `config_file`, then `given` (e.g. command-line flags).
-
-    Data folders become absolute, so the run's config.json works from any directory.
-    """
-    from tf_emnist.tasks import get_task
-
-    from_file = read_config_file(config_file) if config_file else {}
-    task = get_task(given.get("task") or from_file.get("task") or "merged")
-    settings = {**from_file, **given, "task": task.name}
-    for name in ("data_dir", "tfds_dir"):
-        if settings.get(name):
-            settings[name] = os.path.abspath(os.path.expanduser(settings[name]))
-    return task.get_preset(preset).replace(**settings)

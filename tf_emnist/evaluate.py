@@ -111,7 +111,7 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
     from tf_emnist.data import load_split, split_validation
     from tf_emnist.export import is_export, load_source
     from tf_emnist.plots import plot_confusion
-    from tf_emnist.training import STATE
+    from tf_emnist.runs import STATE
 
     run_dirs = [os.fspath(r) for r in run_dirs]
     if split not in ("test", "validation"):

@@ -13,7 +13,7 @@ import numpy as np
 from tf_emnist.config import TrainConfig, config_from_dict
 from tf_emnist.files import exchange_paths, pid_alive, read_json, remove_stale_temporaries, write_json
 from tf_emnist.tasks import Task, get_task
-from tf_emnist.training import MODEL, load_run
+from tf_emnist.runs import MODEL, load_run
 
 log = logging.getLogger("tf_emnist")
 

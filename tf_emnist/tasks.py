@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from typing import Any
 
 import numpy as np
 
-from tf_emnist.config import TrainConfig
+from tf_emnist.config import TrainConfig, read_config_file
 
 PRESETS = ("study", "best")
 BYMERGE_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabdefghnqrt"
@@ -101,3 +103,18 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}") from None
+
+
+def resolve_config(given: dict[str, Any], config_file: str | os.PathLike | None = None,
+                   preset: str = "study") -> TrainConfig:
+    """The task's preset, then the settings of `config_file`, then `given` (e.g. command-line flags).
+
+    Data folders become absolute, so the run's config.json works from any directory.
+    """
+    from_file = read_config_file(config_file) if config_file else {}
+    task = get_task(given.get("task") or from_file.get("task") or "merged")
+    settings = {**from_file, **given, "task": task.name}
+    for name in ("data_dir", "tfds_dir"):
+        if settings.get(name):
+            settings[name] = os.path.abspath(os.path.expanduser(settings[name]))
+    return task.get_preset(preset).replace(**settings)

@@ -1,11 +1,6 @@
-"""Training: run directories, Keras callbacks, resume, and train_and_evaluate."""
+"""Training: Keras callbacks, atomic backups, resume, and train_and_evaluate."""
 from __future__ import annotations
 
-import contextlib
-import csv
-import datetime
-import glob
-import json
 import logging
 import os
 import sys
@@ -14,96 +9,13 @@ import time
 import numpy as np
 
 from tf_emnist.config import TrainConfig, config_from_dict
-from tf_emnist.files import atomic_path, pid_alive, read_json, read_json_object, save_figure, write_csv, write_json
+from tf_emnist.files import atomic_path, read_json, save_figure, write_csv, write_json
 from tf_emnist.model import AUTOMATIC, resolve_choices
+from tf_emnist.runs import (BACKUP, CONFIG, HISTORY, MODEL, STATE, STEPS, _NEW_STATE, _read_csv, _record_environment,
+                            check_run_dir, read_history, run_lock)
 from tf_emnist.tasks import get_task
 
 log = logging.getLogger("tf_emnist")
-
-CONFIG, STATE, STEPS, HISTORY, MODEL = "config.json", "train_state.json", "steps.csv", "history.csv", "model.keras"
-BACKUP, LOCK = "backup", "run.lock"
-_NEW_STATE = {"best_val_accuracy": None, "best_epoch": None, "best_batch_loss": None, "train_seconds": 0.0,
-              "finished": False}
-
-
-class RunDirError(ValueError):
-    """The run directory cannot be used for this run (message: one line)."""
-
-
-def default_run_dir(config: TrainConfig, runs_root: str = "runs") -> str:
-    """The newest unfinished run of this exact config under runs_root (to resume), else a new one."""
-    for path in sorted(glob.glob(os.path.join(runs_root, f"{config.task}-*")), reverse=True):
-        if _same_config(path, config) and not os.path.exists(os.path.join(path, "metrics.json")):
-            return path
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join(runs_root, f"{config.task}-{stamp}")
-
-
-def _same_config(run_dir: str, config: TrainConfig) -> bool:
-    # Through TrainConfig: a field added since the run was written takes its default, which
-    # is what that run did (new fields default to the old behaviour). A choice left to the
-    # machine (None here) matches whatever the run recorded.
-    try:
-        recorded = TrainConfig(**read_json(os.path.join(run_dir, CONFIG))).to_dict()
-    except (OSError, json.JSONDecodeError, TypeError, ValueError):
-        return False
-    wanted = config.to_dict()
-    return all(recorded[k] == v for k, v in wanted.items() if not (k in AUTOMATIC and v is None))
-
-
-def check_run_dir(run_dir: str, config: TrainConfig) -> bool:
-    """Check that run_dir is new, empty, or holds the same unfinished run; writes nothing.
-
-    Returns True when resuming. Never deletes or overwrites anything of another run. A lock
-    alone is no content: `run_lock` tells whether its holder still runs.
-    """
-    config_path = os.path.join(run_dir, CONFIG)
-    if os.path.exists(config_path):
-        if not _same_config(run_dir, config):
-            raise RunDirError(
-                f"{run_dir} holds another run (its config.json differs); pass a new --output, or rerun with that run's settings to resume it"
-            )
-        if os.path.exists(os.path.join(run_dir, "metrics.json")):
-            raise RunDirError(
-                f"{run_dir} already holds this finished run; see its metrics.json, or pass a new --output to train again"
-            )
-        return True
-    if os.path.isdir(run_dir) and set(os.listdir(run_dir)) - {LOCK}:
-        raise RunDirError(f"{run_dir} is not empty and holds no tf-emnist run; pass a new or empty --output")
-    return False
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: str):
-    """Hold run_dir/run.lock (this process's pid) while training; a second trainer is refused.
-
-    A lock whose process is gone (killed) is stale and taken over.
-    """
-    path = os.path.join(run_dir, LOCK)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    pid = int(f.read().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid_alive(pid):
-                raise RunDirError(f"{run_dir} is being trained by another process (pid {pid}); wait for it, "
-                                  "or pass another --output") from None
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-    else:
-        raise RunDirError(f"{run_dir}: cannot take its lock {path}; remove it if no tf-emnist runs there")
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
 
 
 def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, model_to_save, replicas: int = 1,
@@ -268,39 +180,6 @@ def _past_val_accuracy(run_dir: str) -> list[float]:
     return [float(r["val_accuracy"]) for r in read_history(run_dir) if int(r["epoch"]) < finished]
 
 
-def _read_csv(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def read_history(run_dir: str) -> list[dict]:
-    """history.csv, one row per epoch (a row repeated by a resume keeps its last copy)."""
-    by_epoch = {int(r["epoch"]): r for r in _read_csv(os.path.join(run_dir, HISTORY))}
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def load_run(run_dir: str):
-    """(keras model, TrainConfig, Task) of a run directory that holds a model."""
-    import keras
-
-    from tf_emnist.model import custom_objects
-
-    config_path, model_path = os.path.join(run_dir, CONFIG), os.path.join(run_dir, MODEL)
-    if not (os.path.isfile(config_path) and os.path.isfile(model_path)):
-        raise FileNotFoundError(
-            f"{run_dir} is not a tf-emnist run with a model (needs {CONFIG} and {MODEL}); train one with `tf-emnist train`"
-        )
-    config = config_from_dict(read_json_object(config_path, "the run's settings"), config_path)
-    try:
-        model = keras.saving.load_model(model_path, compile=False, custom_objects=custom_objects())
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{model_path} cannot be read ({e.__class__.__name__}): the file is damaged; "
-                         "retrain, or resume the run if it is unfinished") from None
-    return model, config, get_task(config.task)
-
-
 def distribution_strategy(name: str, gpus=None):
     """The tf.distribute strategy to train under.
 
@@ -360,29 +239,6 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
         _record_environment(run_dir)
         log.info("%s the run in %s", "resuming" if resuming else "starting", run_dir)
         return _fit(config, task, run_dir, images, labels, train_idx, val_idx, verbose)
-
-
-def environment() -> dict:
-    """What ran: versions, the machine, the devices."""
-    import platform
-
-    import keras
-    import tensorflow as tf
-
-    from tf_emnist import __version__
-    from tf_emnist.bench import cpu_name
-
-    return {"tf_emnist": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
-            "gpus": [d.name for d in tf.config.list_logical_devices("GPU")]}
-
-
-def _record_environment(run_dir: str) -> None:
-    """train_state.json's `environments`: one entry per start of the run (a resume adds one)."""
-    path = os.path.join(run_dir, STATE)
-    state = read_json(path) if os.path.exists(path) else dict(_NEW_STATE)
-    state["environments"] = [*state.get("environments", []), environment()]
-    write_json(path, state)
 
 
 def _fit(config, task, run_dir, images, labels, train_idx, val_idx, verbose) -> dict:
