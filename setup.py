@@ -19,7 +19,8 @@ setup(
     install_requires=[
         "tensorflow>=2.16",
         "keras>=3.3",
-        "tensorflow-datasets>=4.9",
+        "tensorflow-datasets>=4.9.6",  # its EMNIST builder (3.1.0) has NIST's current URL
+        "requests",
         "importlib_resources",  # tfds's etils[epath] extra; without it tfds fails to import on TF 2.21
         "keras-tuner>=1.4.7",
         "tensorboard",  # keras-tuner needs it; tensorflow 2.21 no longer pulls it in

@@ -1,5 +1,4 @@
 """Data sources and the tf.data pipeline: orientation, labels, splits, shuffling, augmentation."""
-import socket
 import time
 
 import numpy as np
@@ -129,13 +128,30 @@ def test_tfds_source_under_mock_data(monkeypatch, tmp_path):
 
 
 def test_offline_download_fails_fast_and_leaves_nothing(monkeypatch, tmp_path):
-    def refuse(*args, **kwargs):
-        raise OSError("network is unreachable")
+    # A proxy that refuses: the check goes through requests, which honours HTTPS_PROXY as tfds does.
+    from tests.conftest import free_port
 
-    monkeypatch.setattr(socket, "create_connection", refuse)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
     root = tmp_path / "tfds"
     start = time.monotonic()
     with pytest.raises(DataError, match="cannot reach .* --data-dir"):
         load_split(get_task("merged"), "train", TrainConfig(tfds_dir=str(root)))
     assert time.monotonic() - start < 30
     assert not root.exists()
+
+
+def test_tfds_preparation_errors_become_one_line_naming_the_offline_way(monkeypatch, tmp_path):
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+
+    def fail(self, *args, **kwargs):
+        raise NonMatchingChecksumError("https://example.invalid/gzip.zip has wrong checksum\nmore")
+
+    monkeypatch.setattr(data_module, "check_download_reachable", lambda *a, **k: None)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fail)
+    with pytest.raises(DataError, match="could not prepare emnist/bymerge .*--data-dir") as caught:
+        load_split(get_task("merged"), "train", TrainConfig(tfds_dir=str(tmp_path / "tfds")))
+    assert "\n" not in str(caught.value)

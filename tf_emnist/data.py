@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import shutil
-import socket
+import time
 import urllib.parse
 
 import numpy as np
@@ -20,18 +20,24 @@ log = logging.getLogger("tf_emnist")
 EMNIST_URL = "https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip"  # tfds's source
 
 
+EMNIST_BUILDER_VERSION = (3, 1, 0)  # the first tfds EMNIST builder with NIST's current URL (tfds #5356)
+
+
 def check_download_reachable(url: str = EMNIST_URL, timeout: float = 5.0) -> None:
     """Fail in seconds, not minutes, when the EMNIST download server cannot be reached.
 
-    tfds retries a dead network for about 200 s; a TCP connect tells the same in `timeout`.
+    tfds retries a dead network for about 200 s; one HEAD request tells the same in
+    `timeout`. It goes through `requests`, the HTTP stack tfds downloads with, so
+    HTTPS_PROXY and the other proxy settings apply to both.
     """
-    parts = urllib.parse.urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    import requests
+
     try:
-        socket.create_connection((parts.hostname, port), timeout=timeout).close()
-    except OSError as e:
+        requests.head(url, timeout=timeout, allow_redirects=True)
+    except requests.RequestException as e:
+        host = urllib.parse.urlsplit(url).hostname
         raise DataError(
-            f"cannot reach the EMNIST download server {parts.hostname} ({e.__class__.__name__}: {e}); "
+            f"cannot reach the EMNIST download server {host} ({e.__class__.__name__}); "
             "download NIST's gzip.zip elsewhere and pass --data-dir DIR (offline data)"
         ) from None
 
@@ -43,12 +49,20 @@ def _prepare_tfds(task: Task, tfds_dir: str | None):
     builder = tfds.builder(task.tfds_name, data_dir=tfds_dir)
     if builder.is_prepared():
         return builder
+    if tuple(builder.version.tuple) < EMNIST_BUILDER_VERSION:
+        raise DataError(f"tensorflow-datasets {tfds.__version__} downloads EMNIST from a URL NIST has retired "
+                        f"(builder {builder.version}); pip install -U tensorflow-datasets, or pass --data-dir DIR")
     root = os.path.expanduser(tfds_dir or tfds.core.constants.DATA_DIR)
     existed = os.path.exists(root)
     try:
         check_download_reachable()
         log.info("downloading and preparing %s into %s (once)", task.tfds_name, root)
-        builder.download_and_prepare()
+        try:
+            builder.download_and_prepare()
+        except Exception as e:  # tfds's download, checksum and preparation errors have no common base
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise DataError(f"tensorflow-datasets could not prepare {task.tfds_name} ({e.__class__.__name__}: "
+                            f"{first[:200]}); pass --data-dir DIR with NIST's files to train offline") from None
     except BaseException:
         # Leave no empty or half-prepared folders behind (tfds leaves *.incomplete dirs).
         dataset_dir = os.path.join(root, task.tfds_name.split("/")[0])
@@ -71,7 +85,9 @@ def load_split(task: Task, part: str, config: TrainConfig, *, source_labels: boo
     config's limit_train / limit_test. `source_labels` keeps the split's own labels (for
     `fine_labels`) instead of the task's classes.
     """
+    started = time.perf_counter()
     if config.data_dir:
+        log.info("reading and checking the %s split in %s", part, config.data_dir)
         folder = NistFolder(config.data_dir, task.split)
         chars = folder.read_mapping()
         if chars != task.source_chars:
@@ -90,10 +106,12 @@ def load_split(task: Task, part: str, config: TrainConfig, *, source_labels: boo
         import tensorflow_datasets as tfds
 
         builder = _prepare_tfds(task, config.tfds_dir)
+        log.info("converting tfds's %s split of %s to arrays", part, task.tfds_name)
         ds = builder.as_dataset(split=part, as_supervised=True, shuffle_files=False)
         chunks = list(tfds.as_numpy(ds.batch(65536)))  # decoded once, straight to uint8 arrays
         images = np.concatenate([x for x, _ in chunks]).reshape(-1, 28, 28).astype(np.uint8, copy=False)
         labels = np.concatenate([y for _, y in chunks])
+    log.info("%s split: %d images in %.1f s", part, len(images), time.perf_counter() - started)
     limit = config.limit_train if part == "train" else config.limit_test
     if limit:
         images, labels = images[:limit], labels[:limit]

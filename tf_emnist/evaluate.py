@@ -1,12 +1,15 @@
 """Test-split evaluation: exact accuracy, per-class accuracy, confusions, metrics.json."""
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
 
 from tf_emnist.files import read_json, save_figure, write_json
 from tf_emnist.tasks import Task
+
+log = logging.getLogger("tf_emnist")
 
 
 def predict_logits(model, images: np.ndarray, upright: bool = True, batch_size: int = 1024, *,
@@ -157,6 +160,8 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
         _, val_idx = split_validation(len(labels), config.validation_split, config.split_seed)
         images, labels = images[val_idx], labels[val_idx]
     cache = {} if cache is None else cache
+    log.info("evaluating %d model%s on %d %s images%s", len(sources), "s" if len(sources) > 1 else "", len(labels),
+             split, f" x {tta} views" if tta > 1 else "")
     logits = []
     for source in sources:
         key = (os.path.abspath(source.path), split, limit_test, data_dir, tta, tta_strength)

@@ -421,6 +421,8 @@ def export_model(sources, output_root: str = "saved_models", *, version: int | N
             with open(os.path.join(tmp, TFLITE_FILE), "wb") as f:
                 f.write(convert_to_tflite(loaded, task.class_names, quantize))
         else:
+            log.info("writing the SavedModel (%d model%s)", sum(len(s.configs) for s in loaded),
+                     "s" if sum(len(s.configs) for s in loaded) > 1 else "")
             _build_archive(loaded, task, jit_compile).write_out(tmp, verbose=False)
         _write_extra(tmp, loaded, paths, task, format, quantize)
     log.info("exported %s to %s", " + ".join(paths), target)

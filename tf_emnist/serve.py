@@ -18,6 +18,7 @@ log = logging.getLogger("tf_emnist")
 
 MAX_BODY = 10 * 1024 * 1024  # bytes of one request
 MAX_INSTANCES = 1024  # images of one :predict request
+BUCKETS = (1, 4, 16, 64)  # batch sizes the model is compiled for; a batch is padded to the next one
 SIGNATURES = ("serving_default", "serve_stored")  # stored: the NIST/tfds orientation
 OUTPUTS = ("characters", "class_ids", "logits", "probabilities")
 
@@ -34,11 +35,13 @@ class ServedModel:
     """A model as `serve` runs it: uint8 upright [N, 28, 28] -> logits, one call at a time.
 
     A SavedModel's signature is compiled with XLA in this process (the file on disk stays
-    portable), at power-of-two batch sizes so that few shapes are ever compiled. TFLite
-    exports run as they are; their interpreter is not thread-safe, hence the lock.
+    portable). Batches run in chunks of at most `max_batch` images, each padded to one of a
+    few sizes (BUCKETS), all compiled before the first request, so no request waits for a
+    compilation. TFLite exports run as they are; their interpreter is not thread-safe,
+    hence the lock.
     """
 
-    def __init__(self, path: str, name: str | None = None, jit_compile: bool = True):
+    def __init__(self, path: str, name: str | None = None, jit_compile: bool = True, max_batch: int = 64):
         from tf_emnist.export import EXTRA, load_source
 
         source = load_source(path)
@@ -61,13 +64,19 @@ class ServedModel:
             serve = source.serving_function(stored_orientation=False)
             self._logits = tf.function(lambda images: serve(images=images)["logits"], jit_compile=jit_compile)
             self.kind = "SavedModel" if source.saved_model is not None else "Keras run"
-        self._logits(np.zeros((1, 28, 28), np.uint8))  # load and compile before the first request
+        self.buckets = sorted({b for b in BUCKETS if b < max_batch} | {max_batch})
+        for size in self.buckets:  # load and compile before the first request
+            self._logits(np.zeros((size, 28, 28), np.uint8))
 
     def logits(self, images: np.ndarray) -> np.ndarray:
+        chunks = [images[i: i + self.buckets[-1]] for i in range(0, len(images), self.buckets[-1])]
+        return np.concatenate([self._chunk_logits(chunk) for chunk in chunks])
+
+    def _chunk_logits(self, images: np.ndarray) -> np.ndarray:
         n = len(images)
-        padded = 1 << max(0, (n - 1).bit_length())
-        if padded != n:
-            images = np.concatenate([images, np.zeros((padded - n, 28, 28), np.uint8)])
+        size = next(b for b in self.buckets if b >= n)
+        if size != n:
+            images = np.concatenate([images, np.zeros((size - n, 28, 28), np.uint8)])
         with self._lock:
             return np.asarray(self._logits(images))[:n]
 
@@ -357,7 +366,7 @@ def serve(path: str, *, host: str = "127.0.0.1", port: int = 8501, model_name: s
     """Load the model and serve until SIGINT or SIGTERM (uvicorn finishes the requests in flight)."""
     import uvicorn
 
-    model = ServedModel(path, model_name, jit_compile)
+    model = ServedModel(path, model_name, jit_compile, max_batch=max(max_batch_size, BUCKETS[-1]))
     app = create_app(model, max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms)
     log.info("serving %s as %r on http://%s:%d/ (REST: /v1/models/%s:predict)", path, model.name, host, port,
              model.name)
