@@ -190,11 +190,13 @@ def _predict_line(answer: dict) -> str:
 
 
 def cmd_serve(args) -> int:
-    try:
-        from tf_emnist.serve import serve
-        import starlette, uvicorn  # noqa: F401  (the serve extra)
-    except ImportError as e:
-        raise ValueError(f"serving needs the serve extra ({e.name} is missing); pip install 'tf-emnist[serve]'") from None
+    import importlib.util
+
+    missing = [name for name in ("starlette", "uvicorn", "multipart") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"serving needs the serve extra ({', '.join(missing)} missing); pip install 'tf-emnist[serve]'")
+    from tf_emnist.serve import serve
+
     serve(args.model, host=args.host, port=args.port, model_name=args.model_name,
           max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms, jit_compile=args.jit_compile)
     return 0
@@ -231,15 +233,28 @@ def cmd_tasks(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="tf-emnist", description="Stacked-LSTM handwritten character recognition on EMNIST.")
     from tf_emnist import __version__
 
+    parser = Parser(prog="tf-emnist", description="Stacked-LSTM handwritten character recognition on EMNIST.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results (--log-level warning)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                         help="the detail of tf-emnist's own log lines (default info)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_tune(sub)
+    _add_export(sub)
+    _add_predict(sub)
+    _add_serve(sub)
+    _add_bench(sub)
+    _add_tasks(sub)
+    return parser
+
+
+def _add_train(sub) -> None:
+    """train: one flag per TrainConfig field, and where the run goes."""
     train = sub.add_parser("train", help="train a task, then evaluate it on the test split",
                            description="Train, validate each epoch, evaluate the best model on the test split. "
                                        "Rerunning the same command resumes an interrupted run.")
@@ -251,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
 
+
+def _add_evaluate(sub) -> None:
+    """evaluate: runs, exports, ensembles, splits."""
     evaluate = sub.add_parser(
         "evaluate", help="evaluate a run's model, an export, or an ensemble of them on the test split",
         description="One run directory: its model. Several: their ensemble, the average of their probabilities. "
@@ -271,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="evaluate a run whose training was interrupted (its best epoch so far; needs --output)")
     evaluate.set_defaults(func=cmd_evaluate)
 
+
+def _add_tune(sub) -> None:
+    """tune: the search, its space and distributed roles."""
     tune = sub.add_parser("tune", help="search hyperparameters with keras-tuner (validation split only)",
                           description="Rerunning the same command resumes the search; --overwrite starts over. "
                                       "Flags for hyperparameters pin them; --space narrows the rest. "
@@ -293,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(tune)
     tune.set_defaults(func=cmd_tune)
 
+
+def _add_export(sub) -> None:
+    """export: SavedModel or TFLite, version, quantization."""
     from tf_emnist.export import FORMATS, QUANTIZATIONS
 
     export = sub.add_parser("export", help="export a run's model, or an ensemble, as a TensorFlow SavedModel "
@@ -318,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "or float16 (2x smaller, float32's speed)")
     export.set_defaults(func=cmd_export)
 
+
+def _add_predict(sub) -> None:
+    """predict: images to characters."""
     predict = sub.add_parser("predict", help="classify character images (PNG/JPEG, or .npy of uint8 [N,28,28])",
                              description="MODEL is an export (SavedModel or TFLite) or a run directory. Each image holds one "
                                          "character, any size, dark on light or light on dark.")
@@ -329,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="machine-readable output")
     predict.set_defaults(func=cmd_predict, prog="tf-emnist predict")
 
+
+def _add_serve(sub) -> None:
+    """serve: the HTTP server."""
     serve = sub.add_parser("serve", help="serve a model over HTTP: TensorFlow Serving's REST API and a drawing pad",
                            description="GET / is a page to draw characters on; POST /predict takes image files "
                                        "(field 'files'; segment, top_k); /v1/models/NAME[:predict|/metadata] "
@@ -346,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compile a SavedModel with XLA in this process (default on; the export stays portable)")
     serve.set_defaults(func=cmd_serve)
 
+
+def _add_bench(sub) -> None:
+    """bench: the benchmark against the PyTorch yardstick."""
     from tf_emnist.bench import DEFAULT_BASELINE
 
     bench = sub.add_parser("bench", help="throughput, latency and memory beside the PyTorch yardstick",
@@ -369,10 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", metavar="JSON", help="write the figures here")
     bench.set_defaults(func=cmd_bench)
 
+
+def _add_tasks(sub) -> None:
+    """tasks: the task table."""
     tasks = sub.add_parser("tasks", help="list the tasks and their presets")
     tasks.set_defaults(func=cmd_tasks)
-    return parser
-
 
 def cli_reference() -> str:
     """docs/cli.md: every command and flag, from the parser itself (a test keeps the file in step)."""

@@ -32,7 +32,7 @@ def test_inference_figures_cover_every_serving_path():
 
 @pytest.mark.slow
 def test_gpu_check_script_runs_its_smoke_mode_on_a_cpu():
-    """scripts/gpu_check.py waits for a GPU: its tiny mode catches a broken script before one is lent."""
+    """scripts/gpu_check.py is meant for a GPU machine: its tiny mode catches a broken script on a CPU."""
     import json
     import os
 
