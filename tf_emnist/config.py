@@ -103,6 +103,9 @@ class TrainConfig:
             problems.append("ema must be in [0, 1)")
         if self.patience < 0:
             problems.append("patience must be >= 0")
+        for name in ("seed", "validation_seed"):
+            if (getattr(self, name) or 0) < 0:
+                problems.append(f"{name} must be >= 0 (numpy seeds are non-negative)")
         if self.bf16_gradients and self.lstm_kernel is False:
             problems.append("bf16_gradients needs the LSTM kernel (drop --no-lstm-kernel or --bf16-gradients)")
         if self.strategy not in ("default", "mirrored"):

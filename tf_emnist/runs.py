@@ -7,6 +7,7 @@ import datetime
 import glob
 import json
 import os
+import time
 
 from tf_emnist.config import TrainConfig, config_from_dict
 from tf_emnist.files import pid_alive, read_json, read_json_object, write_json
@@ -50,6 +51,8 @@ def check_run_dir(run_dir: str, config: TrainConfig) -> bool:
     Returns True when resuming. Never deletes or overwrites anything of another run. A lock
     alone is no content: `run_lock` tells whether its holder still runs.
     """
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunDirError(f"{run_dir} is a file, not a run directory; pass a new --output")
     config_path = os.path.join(run_dir, CONFIG)
     if os.path.exists(config_path):
         if not _same_config(run_dir, config):
@@ -81,11 +84,12 @@ def run_lock(run_dir: str):
             try:
                 with open(path) as f:
                     pid = int(f.read().strip() or 0)
+                age = time.time() - os.path.getmtime(path)
             except (OSError, ValueError):
-                pid = 0
-            if pid and pid_alive(pid):
-                raise RunDirError(f"{run_dir} is being trained by another process (pid {pid}); wait for it, "
-                                  "or pass another --output") from None
+                pid, age = 0, float("inf")
+            if (pid and pid_alive(pid)) or (not pid and age < 10):  # no pid yet: its holder is writing it
+                raise RunDirError(f"{run_dir} is being trained by another process (pid {pid or 'starting'}); "
+                                  "wait for it, or pass another --output") from None
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
     else:
