@@ -269,6 +269,8 @@ def _add_train(sub) -> None:
 
 def _add_evaluate(sub) -> None:
     """evaluate: runs, exports, ensembles, splits."""
+    from tf_emnist.evaluate import TTA_STRENGTH
+
     evaluate = sub.add_parser(
         "evaluate", help="evaluate a run's model, an export, or an ensemble of them on the test split",
         description="One run directory: its model. Several: their ensemble, the average of their probabilities. "
@@ -281,8 +283,8 @@ def _add_evaluate(sub) -> None:
     evaluate.add_argument("--tta", type=int, default=1, metavar="VIEWS",
                           help="test-time augmentation: average the image and VIEWS-1 randomly transformed copies "
                                "(default 1: off; choose it on --split validation)")
-    evaluate.add_argument("--tta-strength", type=float, default=0.5,
-                          help="strength of the copies' random affine transform, as train's --augment (default 0.5)")
+    evaluate.add_argument("--tta-strength", type=float, default=TTA_STRENGTH,
+                          help="strength of the copies' random affine transform, as train's --augment (default %(default)s)")
     evaluate.add_argument("--data-dir", help="read the test split from this NIST folder instead of the run's source")
     evaluate.add_argument("--limit-test", type=_typed("limit_test"), help="evaluate on the first N test images")
     evaluate.add_argument("--allow-unfinished", action="store_true",

@@ -11,9 +11,11 @@ from tf_emnist.tasks import Task
 
 log = logging.getLogger("tf_emnist")
 
+TTA_STRENGTH = 0.5  # test-time augmentation's copies: half the training augmentation's transforms
+
 
 def predict_logits(model, images: np.ndarray, upright: bool = True, batch_size: int = 1024, *,
-                   tta: int = 1, tta_strength: float = 0.5) -> np.ndarray:
+                   tta: int = 1, tta_strength: float = TTA_STRENGTH) -> np.ndarray:
     """Logits [N, classes] for uint8 images as stored, through the same input transform as training.
 
     tta > 1 (test-time augmentation): the log of the mean probability over the images and
@@ -94,7 +96,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, limit_test: int | None = None, d
 
 def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | None = None,
                   limit_test: int | None = None, data_dir: str | None = None,
-                  tta: int = 1, tta_strength: float = 0.5, cache: dict | None = None,
+                  tta: int = 1, tta_strength: float = TTA_STRENGTH, cache: dict | None = None,
                   allow_unfinished: bool = False) -> dict:
     """Evaluate one model, or the ensemble of several (their probabilities averaged), on a split.
 
