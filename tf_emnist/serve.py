@@ -65,6 +65,8 @@ class ServedModel:
             self._logits = tf.function(lambda images: serve(images=images)["logits"], jit_compile=jit_compile)
             self.kind = "SavedModel" if source.saved_model is not None else "Keras run"
         self.buckets = sorted({b for b in BUCKETS if b < max_batch} | {max_batch})
+        if jit_compile and self.kind != "TFLite":
+            log.info("compiling %s with XLA for batches of %s images", path, ", ".join(map(str, self.buckets)))
         for size in self.buckets:  # load and compile before the first request
             self._logits(np.zeros((size, 28, 28), np.uint8))
 
