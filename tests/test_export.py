@@ -56,6 +56,13 @@ def test_export_reloads_with_plain_tensorflow_and_matches_keras(run_dir, tmp_pat
     assert open(os.path.join(extra, "labels.txt")).read().split() == list(task.class_names)
 
 
+def test_exports_are_portable_unless_xla_is_asked_for(run_dir, tmp_path):
+    from tf_emnist.export import xla_functions
+
+    assert xla_functions(export_model(run_dir, str(tmp_path))) == []  # loads where XLA is off (TF Serving)
+    assert xla_functions(export_model(run_dir, str(tmp_path), jit_compile=True))  # opt-in: must-compile functions
+
+
 def test_tfsmlayer_loads_the_export(run_dir, tmp_path):
     import keras
 
