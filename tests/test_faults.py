@@ -131,3 +131,14 @@ def test_a_killed_plot_is_made_again(data, finished_run):
     (finished_run / f".loss_epochs.png.tmp-{dead_pid}-x.png").write_bytes(b"half a plot")
     assert run_cli(*train_args(data, finished_run, epochs=1)) == 0  # the finished run: its plots are redone
     assert plot.exists() and not [n for n in os.listdir(finished_run) if ".tmp-" in n]
+
+
+def test_a_damaged_test_file_is_found_before_training(tmp_path, capsys):
+    data = write_nist_folder(tmp_path / "nist")
+    test_images = os.path.join(data, "emnist-bymerge-test-images-idx3-ubyte.gz")
+    with open(test_images, "r+b") as f:
+        f.truncate(os.path.getsize(test_images) // 2)  # a download cut short
+    start = time.time()
+    assert run_cli("train", "--data-dir", data, "--output", tmp_path / "run", "--epochs", 50, *TINY) == 3
+    assert "test" in capsys.readouterr().err and time.time() - start < 30  # no 50 epochs first
+    assert not (tmp_path / "run").exists()

@@ -355,6 +355,7 @@ def test_preset_best_is_refused_where_none_was_measured(nist_dir, tmp_path, caps
     assert "has no measured best preset yet; use --preset study" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains the best preset: the slow tier
 def test_digit_letter_best_run_made_from_a_merged_best_run(nist_dir, tmp_path):
     import subprocess
     import sys
