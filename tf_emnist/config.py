@@ -49,6 +49,13 @@ class TrainConfig:
         False, "for a task that groups a split's classes (digit-letter): learn the split's own classes "
                "(47 for ByMerge), and answer with each group's summed probability")
     patience: int = _field(0, "stop after this many epochs without a better validation accuracy (0 = run all epochs)")
+    teacher: str | None = _field(
+        None, "distillation: learn from these models' softened probabilities as well as the labels (run "
+              "directories or exports, several separated by commas: their ensemble)")
+    distill_temperature: float = _field(2.0, "distillation: the temperature T that softens both models' "
+                                             "probabilities", hyper=True)
+    distill_alpha: float = _field(0.5, "distillation: the weight of the true labels' loss; 1 - alpha goes to "
+                                       "the teacher's", hyper=True)
     # -- data
     data_dir: str | None = _field(None, "offline data: a folder with the NIST EMNIST gzip files (or gzip.zip)")
     tfds_dir: str | None = _field(None, "tensorflow-datasets data dir (default: tfds's own, ~/tensorflow_datasets)")
@@ -103,6 +110,12 @@ class TrainConfig:
             problems.append("ema must be in [0, 1)")
         if self.patience < 0:
             problems.append("patience must be >= 0")
+        if not self.distill_temperature > 0:
+            problems.append("distill_temperature must be > 0")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            problems.append("distill_alpha must be in [0, 1]")
+        if self.teacher and self.fine_labels:
+            problems.append("teacher and fine_labels cannot be combined (the teacher answers the task's classes)")
         for name in ("seed", "validation_seed"):
             if (getattr(self, name) or 0) < 0:
                 problems.append(f"{name} must be >= 0 (numpy seeds are non-negative)")

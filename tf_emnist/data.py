@@ -214,7 +214,7 @@ def _shuffled_batches(order: np.ndarray, batch_size: int, seed: int, clock: Epoc
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, training: bool,
                  indices: np.ndarray | None = None, seed: int = 0, upright: bool = True, augment: float = 0.0,
-                 clock: EpochClock | None = None):
+                 clock: EpochClock | None = None, soft_targets: np.ndarray | None = None):
     """A batched tf.data pipeline over uint8 images held in memory once.
 
     `images` (uint8 [N, 28, 28], shared by the train and validation datasets) is the cache:
@@ -224,7 +224,9 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, tra
     captured tensor is copied per iterator: +0.5 GiB each). Scaling, the transpose and
     (training only) augmentation run per batch after the gather; batches are prefetched.
     Training's tf.distribute strategy copies them to the GPUs ahead of each step
-    (`tf_emnist.training.distribution_strategy`).
+    (`tf_emnist.training.distribution_strategy`). With `soft_targets` (float [N, classes], a
+    teacher's logits for each image), a batch's targets are [label, its teacher's logits...]
+    (`tf_emnist.distill`).
     """
     import tensorflow as tf
 
@@ -241,7 +243,11 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, tra
         x = to_model_input(tf.ensure_shape(batch, [None, 28, 28]), upright)
         if training and augment > 0:
             x = random_affine(x, augment, seed=seed)
-        return x, tf.gather(labels_t, index)
+        y = tf.gather(labels_t, index)
+        if soft_targets is not None:
+            soft = tf.numpy_function(lambda i: soft_targets[i], [index], tf.float32, stateful=False)
+            y = tf.concat([tf.cast(y, tf.float32)[:, None], tf.ensure_shape(soft, [None, soft_targets.shape[1]])], 1)
+        return x, y
 
     # With the autotuner off, AUTOTUNE means one call per CPU core (at most 16) and the
     # prefetch buffer still grows on demand. The autotuner re-plans on a timer (10 ms,

@@ -174,10 +174,7 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
                 cache[key] = predict_logits(source.model, images, source.config.upright, tta=tta,
                                             tta_strength=tta_strength)
         logits.append(cache[key])
-    if len(logits) > 1:  # log of the mean probability: softmax gives the ensemble's probabilities back
-        weights = np.array([len(s.configs) for s in sources], np.float64)
-        mean = np.tensordot(weights / weights.sum(), [_softmax(member) for member in logits], axes=1)
-        logits = [np.log(mean)]
+    logits = [ensemble_logits(logits, [len(s.configs) for s in sources])]
     metrics = compute_metrics(task, logits[0], labels, split)
     out_dir = os.fspath(output) if output is not None else run_dirs[0]
     if plain_run and os.path.exists(os.path.join(run_dirs[0], STATE)):
@@ -205,6 +202,18 @@ def serve_logits(serve, images: np.ndarray, batch_size: int = 1024) -> np.ndarra
     """Logits [N, classes] of a serving signature (uint8 images -> a dict with "logits"), batch by batch."""
     return np.concatenate([np.asarray(serve(images=images[i:i + batch_size])["logits"])
                            for i in range(0, len(images), batch_size)]).astype(np.float64)
+
+
+def ensemble_logits(members: list[np.ndarray], weights: list[int]) -> np.ndarray:
+    """Several models' logits -> the log of their weighted mean probability (softmax gives it back).
+
+    A member that is itself an ensemble of k models weighs k, so every model counts once.
+    `make_ensemble_function` computes the same inside an exported graph.
+    """
+    if len(members) == 1:
+        return members[0]
+    weights = np.asarray(weights, np.float64)
+    return np.log(np.tensordot(weights / weights.sum(), [_softmax(member) for member in members], axes=1))
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

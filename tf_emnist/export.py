@@ -353,11 +353,13 @@ def _write_extra(folder: str, loaded: list, paths: list[str], task: Task, format
 
 
 def portable_config(config: TrainConfig) -> dict:
-    """A run's config as an export records it: data folders by name only, no path of this machine."""
+    """A run's config as an export records it: data folders and teachers by name only, no path of this machine."""
     values = config.to_dict()
     for name in ("data_dir", "tfds_dir"):
         if values.get(name):
             values[name] = os.path.basename(os.path.normpath(values[name]))
+    if values.get("teacher"):  # a distilled model's teacher, by name
+        values["teacher"] = ",".join(os.path.basename(os.path.normpath(p)) for p in values["teacher"].split(","))
     return values
 
 

@@ -141,7 +141,8 @@ def peak_learning_rate(config: TrainConfig, replicas: int = 1) -> float:
 
 def compile_model(model, config: TrainConfig, steps_per_epoch: int = 1, *, track_batch_loss: bool = False,
                   replicas: int = 1):
-    """Adam (AdamW when weight_decay > 0), cross-entropy from logits, accuracy.
+    """Adam (AdamW when weight_decay > 0), cross-entropy from logits (with a teacher: the distillation
+    loss, see tf_emnist.distill), accuracy.
 
     `track_batch_loss` adds the metric `batch_loss`: the latest batch's loss, for the
     step log (Keras's `loss` is the epoch's running mean). `replicas`: the data-parallel
@@ -166,12 +167,16 @@ def compile_model(model, config: TrainConfig, steps_per_epoch: int = 1, *, track
         optimizer = keras.optimizers.Adam(learning_rate, **options)
     if config.mixed_precision and mixed_precision_policy() == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    if config.label_smoothing > 0:
+    accuracy = "accuracy"
+    if config.teacher:  # targets are [label, teacher's logits...]
+        loss = distillation_loss_class()(config.distill_temperature, config.distill_alpha, config.label_smoothing)
+        accuracy = label_accuracy_class()(name="accuracy")
+    elif config.label_smoothing > 0:
         # Label smoothing needs one-hot targets; the data stays sparse, so smooth in the loss.
         loss = _smoothed_loss_class()(config.label_smoothing, model.output_shape[-1])
     else:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    metrics = ["accuracy"] + ([_batch_loss_class()(loss)] if track_batch_loss else [])
+    metrics = [accuracy] + ([_batch_loss_class()(loss)] if track_batch_loss else [])
     # The kernel's LSTMs compile their own recurrences; their large matmuls must stay outside XLA (oneDNN).
     jit_compile = use_xla(config) and not use_lstm_kernel(config)
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile)
@@ -327,3 +332,50 @@ def _batch_loss_class():
             return self.value
 
     return BatchLoss
+
+
+@functools.cache
+def distillation_loss_class():
+    import keras
+
+    @keras.saving.register_keras_serializable(package="tf_emnist")
+    class DistillationLoss(keras.losses.Loss):
+        """Targets [B, 1 + classes] (the label, then the teacher's logits) against the student's logits:
+        alpha * cross-entropy + (1 - alpha) * T^2 * KL(teacher_T || student_T) (tf_emnist.distill)."""
+
+        def __init__(self, temperature=2.0, alpha=0.5, label_smoothing=0.0, name="distillation", **kwargs):
+            super().__init__(name=name, **kwargs)
+            self.temperature, self.alpha, self.label_smoothing = temperature, alpha, label_smoothing
+
+        def call(self, y_true, y_pred):
+            ops = keras.ops
+            y_pred = ops.cast(y_pred, "float32")
+            labels = ops.cast(y_true[:, 0], "int32")
+            teacher = ops.cast(y_true[:, 1:], "float32") / self.temperature
+            one_hot = ops.one_hot(labels, ops.shape(y_pred)[-1])
+            hard = keras.losses.categorical_crossentropy(one_hot, y_pred, from_logits=True,
+                                                         label_smoothing=self.label_smoothing)
+            teacher_log_p = ops.log_softmax(teacher, axis=-1)
+            student_log_p = ops.log_softmax(y_pred / self.temperature, axis=-1)
+            soft = ops.sum(ops.exp(teacher_log_p) * (teacher_log_p - student_log_p), axis=-1)
+            return self.alpha * hard + (1.0 - self.alpha) * self.temperature ** 2 * soft
+
+        def get_config(self):
+            return {**super().get_config(), "temperature": self.temperature, "alpha": self.alpha,
+                    "label_smoothing": self.label_smoothing}
+
+    return DistillationLoss
+
+
+@functools.cache
+def label_accuracy_class():
+    import keras
+
+    @keras.saving.register_keras_serializable(package="tf_emnist")
+    class LabelAccuracy(keras.metrics.SparseCategoricalAccuracy):
+        """Accuracy against the label in column 0 of a distillation target."""
+
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            return super().update_state(y_true[:, :1], y_pred, sample_weight)
+
+    return LabelAccuracy

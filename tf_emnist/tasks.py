@@ -117,4 +117,7 @@ def resolve_config(given: dict[str, Any], config_file: str | os.PathLike | None 
     for name in ("data_dir", "tfds_dir"):
         if settings.get(name):
             settings[name] = os.path.abspath(os.path.expanduser(settings[name]))
+    if settings.get("teacher"):
+        settings["teacher"] = ",".join(os.path.abspath(os.path.expanduser(p.strip()))
+                                       for p in settings["teacher"].split(",") if p.strip())
     return task.get_preset(preset).replace(**settings)

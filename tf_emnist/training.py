@@ -218,6 +218,10 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
     if config.fine_labels and task.class_of_source is None:
         raise ValueError(f"--fine-labels needs a task that groups a split's classes (digit-letter); "
                          f"{task.name} learns the split's classes already")
+    if config.teacher:
+        from tf_emnist.distill import check_teacher
+
+        check_teacher(config, task)
     # The data is checked before the run directory is made: bad data leaves no run behind.
     images, labels = load_split(task, "train", config, source_labels=config.fine_labels)
     train_idx, val_idx = split_validation(len(labels), config.validation_split, config.split_seed)
@@ -258,9 +262,15 @@ def _fit(config, task, run_dir, images, labels, train_idx, val_idx, verbose) -> 
     strategy = distribution_strategy(config.strategy)
     global_batch = config.batch_size * strategy.num_replicas_in_sync
     clock = EpochClock()
+    soft = None
+    if config.teacher:
+        from tf_emnist.distill import cached_teacher_logits
+
+        soft = cached_teacher_logits(run_dir, config, images, task)
     train_ds = make_dataset(images, labels, global_batch, training=True, indices=train_idx, seed=config.seed,
-                            upright=config.upright, augment=config.augment, clock=clock)
-    val_ds = make_dataset(images, labels, global_batch, training=False, indices=val_idx, upright=config.upright)
+                            upright=config.upright, augment=config.augment, clock=clock, soft_targets=soft)
+    val_ds = make_dataset(images, labels, global_batch, training=False, indices=val_idx, upright=config.upright,
+                          soft_targets=soft)
     steps = count_steps(len(train_idx), global_batch)
     log.info("%s: %d train / %d validation images, %d steps an epoch, %d replica(s); LSTM training: %s",
              task.name, len(train_idx), len(val_idx), steps, strategy.num_replicas_in_sync,

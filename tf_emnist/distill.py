@@ -1,0 +1,101 @@
+"""Knowledge distillation: a student learns from a teacher's softened probabilities and the true labels.
+
+The teacher (one or several exports or run directories, averaged like an ensemble) reads
+the clean train images once; its logits are cached next to the run as float16 [N, classes]
+with a record of the teacher's files (path and sha256), so a resume reuses them. Each batch
+then carries [label, teacher logits...] as its target, and the loss is
+
+    alpha * cross-entropy(label, student) + (1 - alpha) * T^2 * KL(teacher_T || student_T),
+
+where x_T is softmax(logits / T) (Hinton et al., 2015); the loss is
+`tf_emnist.model.distillation_loss_class`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import numpy as np
+
+from tf_emnist.files import atomic_path, read_json, write_json
+
+log = logging.getLogger("tf_emnist")
+
+CACHE, RECORD = "teacher_logits.npy", "teacher.json"
+
+
+def teacher_sources(config) -> list[str]:
+    """The teacher's sources from config.teacher (comma-separated paths)."""
+    return [p.strip() for p in (config.teacher or "").split(",") if p.strip()]
+
+
+def check_teacher(config, task) -> None:
+    """A one-line ValueError, before anything is written, for a teacher that is missing or of another task."""
+    from tf_emnist.export import EXTRA, is_export
+
+    for path in teacher_sources(config):
+        settings = os.path.join(path, EXTRA if is_export(path) else "", "config.json")
+        if not os.path.isfile(settings):
+            raise ValueError(f"the teacher {path} is neither a tf-emnist run nor an export; "
+                             "give run directories or exports from `tf-emnist export`")
+        taught = read_json(settings).get("task")
+        if taught != task.name:
+            raise ValueError(f"the teacher {path} is a {taught} model; the student learns {task.name}")
+
+
+def teacher_record(sources: list[str], num_images: int) -> dict:
+    """What identifies a teacher: its sources and the sha256 of each model file in them."""
+    digests = {}
+    for source in sources:
+        for folder, _, files in sorted(os.walk(source)):
+            for name in sorted(files):
+                if name in ("saved_model.pb", "model.tflite", "model.keras") or ".data-" in name:
+                    path = os.path.join(folder, name)
+                    digests[os.path.relpath(path, source) if len(sources) == 1 else path] = _sha256(path)
+    if not digests:
+        raise ValueError(f"--teacher {','.join(sources)} holds no model (model.keras, saved_model.pb or "
+                         "model.tflite); give run directories or exports")
+    return {"sources": sources, "sha256": digests, "images": num_images}
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def teacher_logits(sources: list[str], images: np.ndarray, task) -> np.ndarray:
+    """Logits [N, classes] of the teacher on stored-orientation uint8 images: the log of its members'
+    mean probability (each model counted once)."""
+    from tf_emnist.evaluate import ensemble_logits, serve_logits
+    from tf_emnist.export import load_source
+
+    members, weights = [], []
+    for path in sources:
+        source = load_source(path)
+        if source.task.name != task.name:
+            raise ValueError(f"the teacher {path} is a {source.task.name} model; the student learns {task.name}")
+        log.info("teacher %s reads %d train images", path, len(images))
+        members.append(serve_logits(source.serving_function(stored_orientation=True), images))
+        weights.append(len(source.configs))
+    return ensemble_logits(members, weights)
+
+
+def cached_teacher_logits(run_dir: str, config, images: np.ndarray, task) -> np.ndarray:
+    """The teacher's logits on `images`, from run_dir's cache when it holds this teacher's, else computed
+    and cached (float16 [N, classes])."""
+    sources = teacher_sources(config)
+    record = teacher_record(sources, len(images))
+    cache, record_path = os.path.join(run_dir, CACHE), os.path.join(run_dir, RECORD)
+    if os.path.exists(cache) and os.path.exists(record_path) and read_json(record_path) == record:
+        return np.load(cache, allow_pickle=False).astype(np.float32)
+    if os.path.exists(record_path):
+        log.warning("the teacher's files changed since this run began; its outputs are computed again")
+    logits = teacher_logits(sources, images, task).astype(np.float16)
+    with atomic_path(cache) as tmp:
+        np.save(tmp, logits)
+    write_json(record_path, record)
+    return logits.astype(np.float32)
