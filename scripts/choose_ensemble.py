@@ -11,7 +11,7 @@ and letters (what a `--fine-labels` model answers). Writes OUTPUT/validation.csv
 and one metrics.json per tested choice.
 
 Usage: scripts/choose_ensemble.py BEST_RUN OTHER_RUN... [--output results/ensemble]
-       (a run directory or an export, e.g. saved_models/merged/1, wherever a run goes)
+       (a run directory or an export, e.g. saved_models/merged/5, wherever a run goes)
 """
 import argparse
 import itertools
@@ -23,7 +23,7 @@ from tf_emnist.files import write_csv
 
 
 def member_name(path: str) -> str:
-    """runs/best-merged -> best-merged; saved_models/merged/1 -> merged-v1."""
+    """runs/best-merged -> best-merged; saved_models/merged/5 -> merged-v5."""
     path = os.path.normpath(path)
     if is_export(path):
         return f"{os.path.basename(os.path.dirname(path))}-v{os.path.basename(path)}"
