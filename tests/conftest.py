@@ -114,6 +114,19 @@ def serving(model: str):
         process.stdout.close()
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished one-epoch run of a tiny merged model on fake data (read-only: export, predict, serve it)."""
+    from tf_emnist.config import TrainConfig
+    from tf_emnist.training import train
+
+    root = tmp_path_factory.mktemp("tiny")
+    config = TrainConfig(data_dir=write_nist_folder(root / "nist"), epochs=1, hidden_dim=8, num_layers=1,
+                         batch_size=32, jit_compile=False)
+    train(config, str(root / "run"), verbose=0)
+    return str(root / "run")
+
+
 @pytest.fixture
 def nist_dir(tmp_path):
     return write_nist_folder(tmp_path / "nist")

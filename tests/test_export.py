@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.conftest import run_cli, write_nist_folder
+from tests.conftest import run_cli
 from tf_emnist.config import TrainConfig
 from tf_emnist.export import export_model
 from tf_emnist.predict import read_inputs
@@ -16,12 +16,8 @@ from tf_emnist.training import train
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    config = TrainConfig(data_dir=write_nist_folder(root / "nist"), epochs=1, hidden_dim=8, num_layers=1,
-                         batch_size=32, jit_compile=False)
-    train(config, str(root / "run"), verbose=0)
-    return str(root / "run")
+def run_dir(tiny_run):
+    return tiny_run
 
 
 

@@ -12,21 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli, serving, write_nist_folder
-from tf_emnist.config import TrainConfig
+from tests.conftest import run_cli, serving
 from tf_emnist.export import export_model
-from tf_emnist.training import train
 
 pytest.importorskip("starlette", reason="the serve extra is not installed: pip install '.[serve]'")
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    config = TrainConfig(data_dir=write_nist_folder(root / "nist"), epochs=1, hidden_dim=8, num_layers=1,
-                         batch_size=32, jit_compile=False)
-    train(config, str(root / "run"), verbose=0)
-    return export_model(str(root / "run"), str(root / "models"))
+def export(tiny_run, tmp_path_factory):
+    return export_model(tiny_run, str(tmp_path_factory.mktemp("serve") / "models"))
 
 
 @pytest.fixture(scope="module")

@@ -382,7 +382,7 @@ def test_digit_letter_best_run_made_from_a_merged_best_run(nist_dir, tmp_path):
 
 def test_validation_then_ensemble_evaluation(nist_dir, tmp_path, capsys, monkeypatch):
     from tf_emnist.data import load_split
-    from tf_emnist.evaluate import _softmax, predict_logits
+    from tf_emnist.evaluate import softmax, predict_logits
     from tf_emnist.runs import load_run
 
     runs = []
@@ -407,7 +407,7 @@ def test_validation_then_ensemble_evaluation(nist_dir, tmp_path, capsys, monkeyp
     model_a, config, task = load_run(str(runs[0]))
     model_b = load_run(str(runs[1]))[0]
     images, labels = load_split(task, "test", config)
-    mean = (_softmax(predict_logits(model_a, images)) + _softmax(predict_logits(model_b, images))) / 2
+    mean = (softmax(predict_logits(model_a, images)) + softmax(predict_logits(model_b, images))) / 2
     assert metrics["test_accuracy"] == pytest.approx(float(np.mean(mean.argmax(1) == labels)))
     assert (ensemble / "confusion.png").exists()
 
@@ -428,7 +428,7 @@ def test_validation_then_ensemble_evaluation(nist_dir, tmp_path, capsys, monkeyp
 
 def test_test_time_augmentation_is_seeded_and_averages_views(nist_dir, tmp_path, capsys):
     from tf_emnist.data import load_split, random_affine, to_model_input
-    from tf_emnist.evaluate import _softmax, predict_logits
+    from tf_emnist.evaluate import softmax, predict_logits
     from tf_emnist.runs import load_run
 
     run = tmp_path / "run"
@@ -440,11 +440,11 @@ def test_test_time_augmentation_is_seeded_and_averages_views(nist_dir, tmp_path,
     np.testing.assert_allclose(tta, predict_logits(model, images, batch_size=64, tta=3, tta_strength=1.0))
     assert not np.allclose(tta, plain, atol=1e-4)
     # The mean of the plain probabilities and two seeded views, per batch of 64.
-    views = [_softmax(plain)]
+    views = [softmax(plain)]
     for view in (1, 2):
         batches = [random_affine(to_model_input(images[i:i + 64]), 1.0, stateless_seed=[view, i // 64])
                    for i in range(0, len(images), 64)]
-        views.append(_softmax(np.asarray(model.predict(np.concatenate(batches), verbose=0), np.float64)))
+        views.append(softmax(np.asarray(model.predict(np.concatenate(batches), verbose=0), np.float64)))
     np.testing.assert_allclose(np.exp(tta), np.mean(views, axis=0), atol=1e-5)
 
     # Through the CLI: a separate output, so the run's own metrics stay the plain model's.

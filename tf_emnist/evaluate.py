@@ -33,14 +33,14 @@ def predict_logits(model, images: np.ndarray, upright: bool = True, batch_size: 
     logits = np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
     if tta == 1:
         return logits
-    probabilities = _softmax(logits)
+    probabilities = softmax(logits)
     for view in range(1, tta):
         def transform(batch_index, x, view=view):
             seed = tf.stack([tf.constant(view, tf.int64), batch_index])
             return random_affine(x, tta_strength, stateless_seed=seed)
 
         views = ds.enumerate().map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        probabilities += _softmax(np.asarray(model.predict(views, verbose=0), dtype=np.float64))
+        probabilities += softmax(np.asarray(model.predict(views, verbose=0), dtype=np.float64))
     return np.log(probabilities / tta)
 
 
@@ -213,9 +213,10 @@ def ensemble_logits(members: list[np.ndarray], weights: list[int]) -> np.ndarray
     if len(members) == 1:
         return members[0]
     weights = np.asarray(weights, np.float64)
-    return np.log(np.tensordot(weights / weights.sum(), [_softmax(member) for member in members], axes=1))
+    return np.log(np.tensordot(weights / weights.sum(), [softmax(member) for member in members], axes=1))
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities [N, classes] from logits, in numpy."""
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)

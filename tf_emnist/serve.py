@@ -83,8 +83,9 @@ class ServedModel:
             return np.asarray(self._logits(images))[:n]
 
     def outputs(self, logits: np.ndarray) -> dict[str, np.ndarray]:
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        from tf_emnist.evaluate import softmax
+
+        probabilities = softmax(logits)
         class_ids = logits.argmax(axis=1).astype(np.int32)
         return {"characters": np.asarray(self.class_names)[class_ids], "class_ids": class_ids,
                 "logits": logits, "probabilities": probabilities}
