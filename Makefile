@@ -24,7 +24,7 @@ test-slow: $(VENV)/.installed  ## the slow tier: distributed tuning, the multi-w
 	$(PY) -m pytest -m slow
 
 serve: $(VENV)/.installed  ## serve the shipped model on http://127.0.0.1:8501/
-	$(VENV)/bin/tf-emnist serve saved_models/merged/5
+	$(VENV)/bin/tf-emnist serve saved_models/merged
 
 clean-venv:
 	rm -rf $(VENV)

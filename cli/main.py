@@ -44,6 +44,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _model_path(text: str) -> str:
+    """A model path; a folder of numbered versions (saved_models/merged) means its newest."""
+    from tf_emnist.export import newest_version
+
+    return newest_version(text)
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (`hidden_dim` -> `--hidden-dim`), unset unless given."""
     from tf_emnist.tasks import PRESETS, TASKS
@@ -70,7 +77,10 @@ TUNE_EPOCHS, TUNE_PATIENCE = 3, 2  # tune's short trials, unless --epochs / --pa
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's settings from the parsed flags (see tf_emnist.tasks.resolve_config)."""
     given = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
-    return resolve_config(given, getattr(args, "config", None), args.preset)
+    config = resolve_config(given, getattr(args, "config", None), args.preset)
+    if config.teacher:  # recorded as the versions it names now
+        config = config.replace(teacher=",".join(_model_path(p) for p in config.teacher.split(",")))
+    return config
 
 
 def cmd_train(args) -> int:
@@ -275,7 +285,7 @@ def _add_evaluate(sub) -> None:
         "evaluate", help="evaluate a run's model, an export, or an ensemble of them on the test split",
         description="One run directory: its model. Several: their ensemble, the average of their probabilities. "
                     "Choose an ensemble on --split validation first, then evaluate it on the test split once.")
-    evaluate.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+    evaluate.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=_model_path,
                           help="run directories or exports (SavedModel or TFLite) from `tf-emnist export`; several: their ensemble")
     evaluate.add_argument("--split", choices=["test", "validation"], default="test",
                           help="test (default), or the validation images the runs held out of train")
@@ -327,7 +337,7 @@ def _add_export(sub) -> None:
                                         "(uint8 [N,28,28] upright images) and serve_stored (NIST/tfds orientation). "
                                         "Several sources (run directories or earlier exports) make one SavedModel "
                                         "that averages their probabilities, each model counted once.")
-    export.add_argument("sources", nargs="+", metavar="SOURCE",
+    export.add_argument("sources", nargs="+", metavar="SOURCE", type=_model_path,
                         help="a run directory; several run directories or exports: their ensemble")
     export.add_argument("--output", default="saved_models", help="export root (default: saved_models)")
     export.add_argument("--version", type=int, help="version number (default: the next free one)")
@@ -350,7 +360,8 @@ def _add_predict(sub) -> None:
     predict = sub.add_parser("predict", help="classify character images (PNG/JPEG, or .npy of uint8 [N,28,28])",
                              description="MODEL is an export (SavedModel or TFLite) or a run directory. Each image holds one "
                                          "character, any size, dark on light or light on dark.")
-    predict.add_argument("model")
+    predict.add_argument("model", type=_model_path,
+                         help="an export (SavedModel or TFLite; a folder of versions means the newest) or a run directory")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE")
     predict.add_argument("--top-k", type=_positive_int, default=3, help="characters to show per image (default 3)")
     predict.add_argument("--segment", action="store_true",
@@ -365,7 +376,8 @@ def _add_serve(sub) -> None:
                            description="GET / is a page to draw characters on; POST /predict takes image files "
                                        "(field 'files'; segment, top_k); /v1/models/NAME[:predict|/metadata] "
                                        "speak TensorFlow Serving's REST API. Ctrl-C stops it.")
-    serve.add_argument("model", help="an export (SavedModel or TFLite) or a run directory")
+    serve.add_argument("model", type=_model_path,
+                       help="an export (SavedModel or TFLite; a folder of versions means the newest) or a run directory")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     serve.add_argument("--port", type=_positive_int, default=8501, help="port (default 8501, as TensorFlow Serving's REST)")

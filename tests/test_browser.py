@@ -5,9 +5,10 @@ import shutil
 import pytest
 
 from tests.conftest import serving
+from tf_emnist.export import newest_version
 
-# The shipped int8 TFLite model: the same three models as the SavedModel, ready at once (no XLA to compile).
-SHIPPED = os.path.join(os.path.dirname(__file__), "..", "saved_models", "merged-tflite", "2")
+# The newest shipped int8 TFLite model: ready at once (no XLA to compile).
+SHIPPED = newest_version(os.path.join(os.path.dirname(__file__), "..", "saved_models", "merged-tflite"))
 
 
 @pytest.fixture(scope="module")

@@ -83,3 +83,35 @@ def test_a_teacher_of_another_task_is_refused_with_one_line(teacher, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert "the teacher" in err and "merged model" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_the_online_teacher_reads_model_inputs_as_the_cached_teacher_reads_images(teacher):
+    from tf_emnist.config import TrainConfig
+    from tf_emnist.data import load_split, to_model_input
+    from tf_emnist.distill import Teacher, teacher_logits
+    from tf_emnist.tasks import get_task
+
+    data, export = teacher
+    task = get_task("merged")
+    images, _ = load_split(task, "train", TrainConfig(data_dir=data))
+    cached = teacher_logits([export], images[:50], task)
+    online = Teacher([export], task, stored_orientation=False).on_model_input(to_model_input(images[:50]).numpy())
+    np.testing.assert_allclose(online, cached, atol=1e-4)
+
+
+def test_an_online_student_trains_on_augmented_batches_and_records_its_teacher(teacher, tmp_path):
+    data, export = teacher
+    run = tmp_path / "student"
+    assert run_cli("train", "--data-dir", data, "--output", run, "--epochs", 1, "--no-evaluate", "--teacher", export,
+                   "--distill-online", "--augment", 1.0, *TINY) == 0
+    assert not (run / CACHE).exists()  # nothing cached: the teacher read every batch as trained on
+    record = json.loads((run / RECORD).read_text())
+    assert record["online"] and record["sources"] == [export]
+    assert json.loads((run / "config.json").read_text())["distill_online"] is True
+    assert np.isfinite(float(read_history(str(run))[0]["loss"]))
+
+
+def test_online_distillation_without_a_teacher_is_refused_with_one_line(tmp_path, capsys):
+    assert run_cli("train", "--output", tmp_path / "run", "--distill-online", "--epochs", 1) == 2
+    err = capsys.readouterr().err.strip()
+    assert "distill_online needs a teacher" in err and len(err.splitlines()) == 1

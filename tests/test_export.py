@@ -81,6 +81,23 @@ def test_versions_count_up_and_are_never_overwritten_without_force(run_dir, tmp_
     assert sorted(os.listdir(tmp_path / "merged")) == ["1", "2"]  # no temporary folders left
 
 
+def test_a_folder_of_versions_means_its_newest_as_in_tensorflow_serving(run_dir, tmp_path):
+    from tf_emnist.cli.main import build_parser, config_from_args
+    from tf_emnist.export import newest_version
+
+    for version in (2, 10):
+        export_model(run_dir, str(tmp_path), version=version)
+    (tmp_path / "merged" / "11").mkdir()  # not an export: passed over
+    newest = str(tmp_path / "merged" / "10")
+    assert newest_version(tmp_path / "merged") == newest
+    assert newest_version(run_dir) == run_dir and newest_version(newest) == newest
+    parse = build_parser().parse_args
+    assert parse(["predict", str(tmp_path / "merged"), "x.png"]).model == newest
+    assert parse(["evaluate", str(tmp_path / "merged"), run_dir]).run_dirs == [newest, run_dir]
+    args = parse(["train", "--teacher", f"{tmp_path / 'merged'},{run_dir}"])
+    assert config_from_args(args).teacher == f"{newest},{os.path.abspath(run_dir)}"  # recorded as the version taught
+
+
 def test_interrupted_export_leaves_nothing_behind(run_dir, tmp_path, monkeypatch):
     import tf_emnist.export
 

@@ -56,6 +56,9 @@ class TrainConfig:
                                              "probabilities", hyper=True)
     distill_alpha: float = _field(0.5, "distillation: the weight of the true labels' loss; 1 - alpha goes to "
                                        "the teacher's", hyper=True)
+    distill_online: bool = _field(
+        False, "distillation: the teacher reads each training batch as augmented, during training (costlier), "
+               "instead of the clean images once, cached")
     # -- data
     data_dir: str | None = _field(None, "offline data: a folder with the NIST EMNIST gzip files (or gzip.zip)")
     tfds_dir: str | None = _field(None, "tensorflow-datasets data dir (default: tfds's own, ~/tensorflow_datasets)")
@@ -114,6 +117,8 @@ class TrainConfig:
             problems.append("distill_temperature must be > 0")
         if not 0.0 <= self.distill_alpha <= 1.0:
             problems.append("distill_alpha must be in [0, 1]")
+        if self.distill_online and not self.teacher:
+            problems.append("distill_online needs a teacher (--teacher)")
         if self.teacher and self.fine_labels:
             problems.append("teacher and fine_labels cannot be combined (the teacher answers the task's classes)")
         for name in ("seed", "validation_seed"):

@@ -214,7 +214,7 @@ def _shuffled_batches(order: np.ndarray, batch_size: int, seed: int, clock: Epoc
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, training: bool,
                  indices: np.ndarray | None = None, seed: int = 0, upright: bool = True, augment: float = 0.0,
-                 clock: EpochClock | None = None, soft_targets: np.ndarray | None = None):
+                 clock: EpochClock | None = None, soft_targets: np.ndarray | None = None, teacher=None):
     """A batched tf.data pipeline over uint8 images held in memory once.
 
     `images` (uint8 [N, 28, 28], shared by the train and validation datasets) is the cache:
@@ -226,7 +226,8 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, tra
     Training's tf.distribute strategy copies them to the GPUs ahead of each step
     (`tf_emnist.training.distribution_strategy`). With `soft_targets` (float [N, classes], a
     teacher's logits for each image), a batch's targets are [label, its teacher's logits...]
-    (`tf_emnist.distill`).
+    (`tf_emnist.distill`); with `teacher` (a `tf_emnist.distill.Teacher`), the same, the teacher
+    reading each batch as the model does, augmented.
     """
     import tensorflow as tf
 
@@ -247,6 +248,9 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, tra
         if soft_targets is not None:
             soft = tf.numpy_function(lambda i: soft_targets[i], [index], tf.float32, stateful=False)
             y = tf.concat([tf.cast(y, tf.float32)[:, None], tf.ensure_shape(soft, [None, soft_targets.shape[1]])], 1)
+        elif teacher is not None:
+            soft = tf.numpy_function(teacher.on_model_input, [x], tf.float32, stateful=False)
+            y = tf.concat([tf.cast(y, tf.float32)[:, None], tf.ensure_shape(soft, [None, teacher.classes])], 1)
         return x, y
 
     # With the autotuner off, AUTOTUNE means one call per CPU core (at most 16) and the

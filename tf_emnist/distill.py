@@ -2,8 +2,9 @@
 
 The teacher (one or several exports or run directories, averaged like an ensemble) reads
 the clean train images once; its logits are cached next to the run as float16 [N, classes]
-with a record of the teacher's files (path and sha256), so a resume reuses them. Each batch
-then carries [label, teacher logits...] as its target, and the loss is
+with a record of the teacher's files (path and sha256), so a resume reuses them. Online
+(`distill_online`), it reads each training batch as augmented instead, during training. Each
+batch carries [label, teacher logits...] as its target, and the loss is
 
     alpha * cross-entropy(label, student) + (1 - alpha) * T^2 * KL(teacher_T || student_T),
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 
 import numpy as np
 
@@ -67,21 +69,47 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def teacher_logits(sources: list[str], images: np.ndarray, task) -> np.ndarray:
-    """Logits [N, classes] of the teacher on stored-orientation uint8 images: the log of its members'
-    mean probability (each model counted once)."""
-    from tf_emnist.evaluate import ensemble_logits, serve_logits
-    from tf_emnist.export import load_source
+class Teacher:
+    """The teacher's models, loaded: `logits(images)` on uint8 [N, 28, 28] images is the log of its
+    members' mean probability (each model counted once), float64 [N, classes]."""
 
-    members, weights = [], []
-    for path in sources:
-        source = load_source(path)
-        if source.task.name != task.name:
-            raise ValueError(f"the teacher {path} is a {source.task.name} model; the student learns {task.name}")
-        log.info("teacher %s reads %d train images", path, len(images))
-        members.append(serve_logits(source.serving_function(stored_orientation=True), images))
-        weights.append(len(source.configs))
-    return ensemble_logits(members, weights)
+    def __init__(self, sources: list[str], task, stored_orientation: bool = True):
+        from tf_emnist.export import load_source
+
+        self.functions, self.weights = [], []
+        for path in sources:
+            source = load_source(path)
+            if source.task.name != task.name:
+                raise ValueError(f"the teacher {path} is a {source.task.name} model; the student learns {task.name}")
+            self.functions.append(source.serving_function(stored_orientation=stored_orientation))
+            self.weights.append(len(source.configs))
+        self.classes = task.num_classes
+        self._lock = threading.Lock()  # a TFLite interpreter serves one call at a time
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        from tf_emnist.evaluate import ensemble_logits, serve_logits
+
+        with self._lock:
+            return ensemble_logits([serve_logits(f, images) for f in self.functions], self.weights)
+
+    def on_model_input(self, x: np.ndarray) -> np.ndarray:
+        """float32 logits of model inputs (float [B, 28, 28] in [0, 1], augmented or not), read as uint8
+        images again; for `tf_emnist.data.make_dataset`'s online teacher."""
+        images = np.clip(np.rint(np.asarray(x) * 255.0), 0, 255).astype(np.uint8)
+        return self.logits(images).astype(np.float32)
+
+
+def teacher_logits(sources: list[str], images: np.ndarray, task) -> np.ndarray:
+    """Logits [N, classes] of the teacher on stored-orientation uint8 images (see Teacher)."""
+    log.info("teacher %s reads %d train images", ",".join(sources), len(images))
+    return Teacher(sources, task).logits(images)
+
+
+def online_teacher(run_dir: str, config, num_images: int, task) -> Teacher:
+    """The teacher for reading augmented batches in the model's orientation; recorded in run_dir."""
+    sources = teacher_sources(config)
+    write_json(os.path.join(run_dir, RECORD), {**teacher_record(sources, num_images), "online": True})
+    return Teacher(sources, task, stored_orientation=not config.upright)
 
 
 def cached_teacher_logits(run_dir: str, config, images: np.ndarray, task) -> np.ndarray:

@@ -114,6 +114,16 @@ def is_export(path: str | os.PathLike) -> bool:
     return is_saved_model(path) or is_tflite_export(path)
 
 
+def newest_version(path: str | os.PathLike) -> str:
+    """A model base path as TensorFlow Serving reads it (a folder of numbered versions, e.g.
+    saved_models/merged) -> its highest version that holds an export; any other path unchanged."""
+    path = os.fspath(path)
+    if not os.path.isdir(path) or is_export(path) or os.path.isfile(os.path.join(path, MODEL)):
+        return path
+    versions = [int(name) for name in os.listdir(path) if name.isdigit() and is_export(os.path.join(path, name))]
+    return os.path.join(path, str(max(versions))) if versions else path
+
+
 def unroll_lstms(model):
     """A copy of a Keras model, same weights, whose LSTMs (plain or Bidirectional) are unrolled.
 

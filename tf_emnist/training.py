@@ -262,15 +262,20 @@ def _fit(config, task, run_dir, images, labels, train_idx, val_idx, verbose) -> 
     strategy = distribution_strategy(config.strategy)
     global_batch = config.batch_size * strategy.num_replicas_in_sync
     clock = EpochClock()
-    soft = None
-    if config.teacher:
+    soft = teacher = None
+    if config.teacher and config.distill_online:
+        from tf_emnist.distill import online_teacher
+
+        teacher = online_teacher(run_dir, config, len(images), task)
+    elif config.teacher:
         from tf_emnist.distill import cached_teacher_logits
 
         soft = cached_teacher_logits(run_dir, config, images, task)
     train_ds = make_dataset(images, labels, global_batch, training=True, indices=train_idx, seed=config.seed,
-                            upright=config.upright, augment=config.augment, clock=clock, soft_targets=soft)
+                            upright=config.upright, augment=config.augment, clock=clock, soft_targets=soft,
+                            teacher=teacher)
     val_ds = make_dataset(images, labels, global_batch, training=False, indices=val_idx, upright=config.upright,
-                          soft_targets=soft)
+                          soft_targets=soft, teacher=teacher)
     steps = count_steps(len(train_idx), global_batch)
     log.info("%s: %d train / %d validation images, %d steps an epoch, %d replica(s); LSTM training: %s",
              task.name, len(train_idx), len(val_idx), steps, strategy.num_replicas_in_sync,
