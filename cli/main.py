@@ -91,8 +91,13 @@ def cmd_train(args) -> int:
     run_dir = args.output or default_run_dir(config)
     if not args.evaluate:  # choosing settings: validation only, the test split stays unseen
         state = train(config, run_dir)
-        print(f"{config.task}: best validation accuracy {state['best_val_accuracy']:.4%} (epoch {state['best_epoch']}), "
-              f"{state['train_seconds'] / 60:.1f} min; evaluate later with `tf-emnist evaluate {run_dir}`")
+        if state["best_val_accuracy"] is None:  # a refit: no validation images
+            print(f"{config.task}: trained {state['best_epoch']} epochs on all {state['train_examples']} train images, "
+                  f"{state['train_seconds'] / 60:.1f} min; evaluate later with `tf-emnist evaluate {run_dir}`")
+        else:
+            print(f"{config.task}: best validation accuracy {state['best_val_accuracy']:.4%} (epoch "
+                  f"{state['best_epoch']}), {state['train_seconds'] / 60:.1f} min; evaluate later with "
+                  f"`tf-emnist evaluate {run_dir}`")
         return 0
     metrics = train_and_evaluate(config, run_dir)
     _print_summary(metrics, run_dir)
@@ -121,9 +126,11 @@ def _print_summary(metrics: dict, run_dir: str) -> None:
           f"test loss {metrics['test_loss']:.4f}")
     if "digit_letter_accuracy" in metrics:
         print(f"  collapsed to digit/letter: {metrics['digit_letter_accuracy']:.4%}")
-    if metrics.get("train_seconds"):
+    if metrics.get("train_seconds") and metrics.get("best_val_accuracy") is not None:
         print(f"  training time {metrics['train_seconds'] / 60:.1f} min, best validation accuracy "
               f"{metrics['best_val_accuracy']:.4%} (epoch {metrics['best_epoch']})")
+    elif metrics.get("train_seconds"):
+        print(f"  training time {metrics['train_seconds'] / 60:.1f} min, {metrics['best_epoch']} epochs on all train images")
     print("  top confusions (true -> predicted: count): " +
           ", ".join(f"{t}->{p}: {n}" for t, p, n in metrics["top_confusions"][:5]))
     print(f"  outputs in {run_dir}")

@@ -311,6 +311,49 @@ def test_ema_and_plateau_levers_train_through_the_cli(nist_dir, tmp_path):
     assert config.ema == 0.9 and saved.count_params() == expected_parameter_count(config, 47)
 
 
+def test_refit_trains_a_validation_run_on_all_images_with_its_epochs_and_learning_rates(nist_dir, tmp_path, capsys):
+    import csv
+
+    run, refit = tmp_path / "run", tmp_path / "refit"
+    assert run_cli("train", "--data-dir", nist_dir, "--output", run, "--epochs", 4, "--lr-schedule", "plateau",
+                   "--no-evaluate", *TINY) == 0
+    # Whatever the fake data gave, say validation peaked at epoch 3 after a stall at epoch 2.
+    rows = read_history(str(run))
+    for row, accuracy in zip(rows, (0.5, 0.4, 0.6, 0.55)):
+        row["val_accuracy"] = accuracy
+    with open(run / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    state = json.loads((run / "train_state.json").read_text())
+    (run / "train_state.json").write_text(json.dumps({**state, "best_epoch": 3}))
+
+    assert run_cli("train", "--refit", run, "--output", refit, "--no-evaluate") == 0
+    assert "trained 3 epochs on all 240 train images" in capsys.readouterr().out
+    config = json.loads((refit / "config.json").read_text())
+    assert (config["validation_split"], config["epochs"], config["patience"]) == (0.0, 3, 0)
+    assert config["refit"] == str(run) and config["hidden_dim"] == 8  # the run's own settings
+    rates = [float(r["learning_rate"]) for r in read_history(str(refit))]
+    assert rates == pytest.approx([1e-3, 1e-3, 5e-4])  # halved after the recorded stall at epoch 2
+    assert all("val_accuracy" not in r for r in read_history(str(refit)))
+    state = json.loads((refit / "train_state.json").read_text())
+    assert (state["train_examples"], state["validation_examples"], state["best_epoch"]) == (240, 0, 3)
+    assert run_cli("evaluate", refit) == 0 and (refit / "metrics.json").exists()
+    assert run_cli("evaluate", refit, "--split", "validation", "--output", tmp_path / "v") == 2
+    assert "held out no validation images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--validation-split", 0, "--lr-schedule", "plateau"], "the plateau schedule needs validation images"),
+    (["--validation-split", 0, "--patience", 2], "patience needs validation images"),
+    (["--refit", "nowhere"], "does not exist"),
+])
+def test_training_without_validation_images_refuses_what_needs_them(tmp_path, capsys, flags, message):
+    assert run_cli("train", "--output", tmp_path / "r", *flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
 def test_fine_labels_digit_letter_learns_47_classes_and_answers_2(nist_dir, tmp_path):
     from tf_emnist.runs import load_run
 

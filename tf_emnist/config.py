@@ -62,7 +62,10 @@ class TrainConfig:
     # -- data
     data_dir: str | None = _field(None, "offline data: a folder with the NIST EMNIST gzip files (or gzip.zip)")
     tfds_dir: str | None = _field(None, "tensorflow-datasets data dir (default: tfds's own, ~/tensorflow_datasets)")
-    validation_split: float = _field(0.1, "fraction of train held out for validation (seeded, disjoint)")
+    validation_split: float = _field(0.1, "fraction of train held out for validation (seeded, disjoint; 0: none, "
+                                          "to refit chosen settings on all train images, see --refit)")
+    refit: str | None = _field(None, "refit a finished validation run on all train images: its settings, its "
+                                     "epochs up to the best, its learning rate epoch by epoch (validation_split 0)")
     validation_seed: int | None = _field(
         None, "seed of the validation carve-out (default: --seed); fix it to compare or ensemble runs of other seeds")
     limit_train: int | None = _field(None, "use only the first N train images (quick runs)")
@@ -98,8 +101,14 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             problems.append("dropout must be in [0, 1)")
-        if not 0.0 < self.validation_split < 1.0:
-            problems.append("validation_split must be in (0, 1)")
+        if not 0.0 <= self.validation_split < 1.0:
+            problems.append("validation_split must be in [0, 1)")
+        if self.validation_split == 0 and self.patience:
+            problems.append("patience needs validation images; without them (validation_split 0) give the epoch "
+                            "count chosen on validation")
+        if self.validation_split == 0 and self.lr_schedule == "plateau" and not self.refit:
+            problems.append("the plateau schedule needs validation images; refit a validation run with --refit RUN "
+                            "(it replays the run's learning rates), or choose another --lr-schedule")
         if not self.learning_rate > 0:
             problems.append("learning_rate must be > 0")
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -123,7 +123,10 @@ def split_validation(num_examples: int, fraction: float, seed: int) -> tuple[np.
     """Seeded, disjoint (train_indices, validation_indices), each sorted.
 
     Indices, not copies: train and validation datasets gather from the one image array.
+    `fraction` 0 holds out nothing (a refit).
     """
+    if fraction == 0:
+        return np.arange(num_examples), np.arange(0)
     n_val = max(1, int(round(num_examples * fraction)))
     if n_val >= num_examples:
         raise DataError(f"{num_examples} train images are too few to hold out a validation split; use more data")

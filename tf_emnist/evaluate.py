@@ -158,6 +158,8 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
     if split == "test":
         images, labels = load_split(task, "test", config)
     else:
+        if not config.validation_split:
+            raise ValueError(f"{sources[0].path} held out no validation images (a refit); evaluate it on the test split")
         images, labels = load_split(task, "train", config)
         _, val_idx = split_validation(len(labels), config.validation_split, config.split_seed)
         images, labels = images[val_idx], labels[val_idx]

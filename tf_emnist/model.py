@@ -183,13 +183,15 @@ def compile_model(model, config: TrainConfig, steps_per_epoch: int = 1, *, track
     return model
 
 
-def lever_callbacks(config: TrainConfig, past_val_accuracy=(), replicas: int = 1) -> list:
+def lever_callbacks(config: TrainConfig, past_val_accuracy=(), replicas: int = 1, recorded_val_accuracy=()) -> list:
     """The Keras callbacks some levers need, for `train` and the tuner alike.
 
     Put them before any callback that saves the model: with `ema`, SwapEMAWeights puts the
     averaged weights in the model for validation and at each epoch's end.
     `past_val_accuracy`: the finished epochs' validation accuracy, when a run resumes.
-    `replicas` as for compile_model.
+    `replicas` as for compile_model. `recorded_val_accuracy`: for a run without validation
+    images (a refit), the validation accuracy per epoch of the run it refits, which the plateau
+    schedule follows, so the refit gets that run's learning rates.
     """
     import keras
 
@@ -197,7 +199,8 @@ def lever_callbacks(config: TrainConfig, past_val_accuracy=(), replicas: int = 1
     if config.ema > 0:
         callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if config.lr_schedule == "plateau":
-        callbacks.append(_plateau_class()(peak_learning_rate(config, replicas), past_val_accuracy))
+        callbacks.append(_plateau_class()(peak_learning_rate(config, replicas), past_val_accuracy,
+                                          recorded_val_accuracy))
     return callbacks
 
 
@@ -210,12 +213,14 @@ def _plateau_class():
 
         Keras's ReduceLROnPlateau with patience 1 and factor 0.5, down to 1/32 of the start,
         but it replays the finished epochs of a resumed run, so the rate after a resume is
-        the rate an uninterrupted run would have.
+        the rate an uninterrupted run would have. Without validation, it follows `recorded`,
+        another run's validation accuracy per epoch (a refit of that run).
         """
 
-        def __init__(self, learning_rate, past_val_accuracy=()):
+        def __init__(self, learning_rate, past_val_accuracy=(), recorded=()):
             super().__init__()
             self.start, self.rate, self.best = learning_rate, learning_rate, None
+            self.recorded = [float(a) for a in recorded]
             for accuracy in past_val_accuracy:
                 self._update(float(accuracy))
 
@@ -230,7 +235,10 @@ def _plateau_class():
 
         def on_epoch_end(self, epoch, logs=None):
             before = self.rate
-            self._update(float(logs["val_accuracy"]))
+            if "val_accuracy" in logs:
+                self._update(float(logs["val_accuracy"]))
+            elif epoch < len(self.recorded):
+                self._update(self.recorded[epoch])
             if self.rate != before:
                 print(f"\nvalidation accuracy not improved: learning rate {before:.3g} -> {self.rate:.3g}", flush=True)
             logs["learning_rate"] = before

@@ -111,8 +111,10 @@ def _read_csv(path: str) -> list[dict]:
 
 
 def read_history(run_dir: str) -> list[dict]:
-    """history.csv, one row per epoch (a row repeated by a resume keeps its last copy)."""
-    by_epoch = {int(r["epoch"]): r for r in _read_csv(os.path.join(run_dir, HISTORY))}
+    """history.csv, one row per epoch (a row repeated by a resume keeps its last copy). Keras's CSVLogger
+    writes NA where an epoch has no figure (the validation columns of a refit); those are left out."""
+    by_epoch = {int(r["epoch"]): {k: v for k, v in r.items() if v != "NA"}
+                for r in _read_csv(os.path.join(run_dir, HISTORY))}
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from tf_emnist.config import TrainConfig, read_config_file
+from tf_emnist.files import read_json_object
 
 PRESETS = ("study", "best")
 BYMERGE_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabdefghnqrt"
@@ -107,11 +108,15 @@ def get_task(name: str) -> Task:
 
 def resolve_config(given: dict[str, Any], config_file: str | os.PathLike | None = None,
                    preset: str = "study") -> TrainConfig:
-    """The task's preset, then the settings of `config_file`, then `given` (e.g. command-line flags).
+    """The task's preset, then the settings of `config_file`, then those of the run `refit` names
+    (see refit_settings), then `given` (e.g. command-line flags).
 
     Data folders become absolute, so the run's config.json works from any directory.
     """
     from_file = read_config_file(config_file) if config_file else {}
+    refit = given.get("refit") or from_file.get("refit")
+    if refit:
+        from_file = {**from_file, **refit_settings(refit)}
     task = get_task(given.get("task") or from_file.get("task") or "merged")
     settings = {**from_file, **given, "task": task.name}
     for name in ("data_dir", "tfds_dir"):
@@ -121,3 +126,18 @@ def resolve_config(given: dict[str, Any], config_file: str | os.PathLike | None 
         settings["teacher"] = ",".join(os.path.abspath(os.path.expanduser(p.strip()))
                                        for p in settings["teacher"].split(",") if p.strip())
     return task.get_preset(preset).replace(**settings)
+
+
+def refit_settings(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The settings that refit a finished validation run on all train images: the run's own, with
+    no validation split, its epochs up to its best one, and no early stopping. (Its learning
+    rates, epoch by epoch, are replayed by training: `tf_emnist.model.lever_callbacks`.)"""
+    run_dir = os.path.abspath(os.path.expanduser(os.fspath(run_dir)))
+    settings = read_config_file(os.path.join(run_dir, "config.json"))
+    state = read_json_object(os.path.join(run_dir, "train_state.json"), "--refit run state")
+    if not state.get("finished") or not state.get("best_epoch"):
+        raise ValueError(f"--refit {run_dir}: the run has not finished; rerun its train command to finish it first")
+    if not settings.get("validation_split", 0.1):
+        raise ValueError(f"--refit {run_dir}: the run held out no validation images; refit a validation run")
+    return {**settings, "validation_split": 0.0, "epochs": int(state["best_epoch"]), "patience": 0,
+            "refit": run_dir}

@@ -73,10 +73,10 @@ def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, model_to
         def on_epoch_end(self, epoch, logs=None):
             self.state["train_seconds"] += time.perf_counter() - self.started
             self.state["best_batch_loss"] = step_logger.best
-            val = float(logs["val_accuracy"])
+            val = logs.get("val_accuracy")  # none without validation images (a refit): keep every epoch
             best = self.state["best_val_accuracy"]
-            if best is None or val > best:
-                self.state.update(best_val_accuracy=val, best_epoch=epoch + 1)
+            if val is None or best is None or float(val) > best:
+                self.state.update(best_val_accuracy=None if val is None else float(val), best_epoch=epoch + 1)
                 with atomic_path(os.path.join(run_dir, MODEL)) as tmp:
                     model_to_save().save(tmp)
             write_json(self.path, self.state)
@@ -87,11 +87,13 @@ def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, model_to
                 self.model.stop_training = True
 
     keeps_batch_loss_columns = "batch_loss" in next(iter(_read_csv(os.path.join(run_dir, HISTORY))), {})
+    # A refit follows the validation accuracy its run recorded (the plateau schedule's learning rates).
+    recorded = [float(r["val_accuracy"]) for r in read_history(config.refit)] if config.refit else None
     keep_best = KeepBest()
     step_logger = StepLossLogger()
     return [
         step_logger,
-        *lever_callbacks(config, _past_val_accuracy(run_dir), replicas),
+        *lever_callbacks(config, _past_val_accuracy(run_dir, recorded), replicas, recorded or ()),
         keep_best,
         keras.callbacks.CSVLogger(os.path.join(run_dir, HISTORY), append=True),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), update_freq="epoch"),
@@ -173,10 +175,13 @@ def atomic_backup_class():
     return AtomicBackupAndRestore
 
 
-def _past_val_accuracy(run_dir: str) -> list[float]:
-    """Validation accuracy of the epochs a resumed run will not redo (those in its backup)."""
+def _past_val_accuracy(run_dir: str, recorded: list[float] | None = None) -> list[float]:
+    """Validation accuracy of the epochs a resumed run will not redo (those in its backup); for a
+    refit, the `recorded` accuracy of the run it refits."""
     metadata = os.path.join(run_dir, BACKUP, "training_metadata.json")
     finished = read_json(metadata).get("epoch", 0) if os.path.exists(metadata) else 0
+    if recorded is not None:
+        return recorded[:finished]
     return [float(r["val_accuracy"]) for r in read_history(run_dir) if int(r["epoch"]) < finished]
 
 
@@ -275,7 +280,7 @@ def _fit(config, task, run_dir, images, labels, train_idx, val_idx, verbose) -> 
                             upright=config.upright, augment=config.augment, clock=clock, soft_targets=soft,
                             teacher=teacher)
     val_ds = make_dataset(images, labels, global_batch, training=False, indices=val_idx, upright=config.upright,
-                          soft_targets=soft, teacher=teacher)
+                          soft_targets=soft, teacher=teacher) if len(val_idx) else None
     steps = count_steps(len(train_idx), global_batch)
     log.info("%s: %d train / %d validation images, %d steps an epoch, %d replica(s); LSTM training: %s",
              task.name, len(train_idx), len(val_idx), steps, strategy.num_replicas_in_sync,

@@ -193,6 +193,8 @@ def run_search(base: TrainConfig, space: dict, *, tuner_kind: str = "random", ma
         raise ValueError("tune searches the task's own classes; drop --fine-labels (it is a train option)")
     if base.teacher:
         raise ValueError("tune does not distill; drop --teacher, and search a student's settings with train runs")
+    if not base.validation_split:
+        raise ValueError("tune chooses on validation images; give --validation-split above 0")
     images, labels = load_split(task, "train", base)  # the test split is never read here
     train_idx, val_idx = split_validation(len(labels), base.validation_split, base.split_seed)
     hypermodel = make_hypermodel(base, space, task.num_classes, len(train_idx), patience)
