@@ -339,6 +339,9 @@ def test_refit_trains_a_validation_run_on_all_images_with_its_epochs_and_learnin
     state = json.loads((refit / "train_state.json").read_text())
     assert (state["train_examples"], state["validation_examples"], state["best_epoch"]) == (240, 0, 3)
     assert run_cli("evaluate", refit) == 0 and (refit / "metrics.json").exists()
+    assert run_cli("export", refit, "--output", tmp_path / "models") == 0
+    exported = json.loads((tmp_path / "models" / "merged" / "1" / "assets.extra" / "config.json").read_text())
+    assert exported["refit"] == "run"  # by name: no path of this machine
     assert run_cli("evaluate", refit, "--split", "validation", "--output", tmp_path / "v") == 2
     assert "held out no validation images" in capsys.readouterr().err
 
