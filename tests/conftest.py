@@ -114,7 +114,7 @@ def serving(model: str):
         process.stdout.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tiny_run(tmp_path_factory):
     """A finished one-epoch run of a tiny merged model on fake data (read-only: export, predict, serve it)."""
     from tf_emnist.config import TrainConfig

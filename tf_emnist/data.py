@@ -227,7 +227,7 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, tra
     captured tensor is copied per iterator: +0.5 GiB each). Scaling, the transpose and
     (training only) augmentation run per batch after the gather; batches are prefetched.
     Training's tf.distribute strategy copies them to the GPUs ahead of each step
-    (`tf_emnist.training.distribution_strategy`). With `soft_targets` (float [N, classes], a
+    (`tf_emnist.training.distribution_strategy`). With `soft_targets` (float16 or float32 [N, classes], a
     teacher's logits for each image), a batch's targets are [label, its teacher's logits...]
     (`tf_emnist.distill`); with `teacher` (a `tf_emnist.distill.Teacher`), the same, the teacher
     reading each batch as the model does, augmented.
@@ -248,12 +248,14 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, tra
         if training and augment > 0:
             x = random_affine(x, augment, seed=seed)
         y = tf.gather(labels_t, index)
-        if soft_targets is not None:
-            soft = tf.numpy_function(lambda i: soft_targets[i], [index], tf.float32, stateful=False)
-            y = tf.concat([tf.cast(y, tf.float32)[:, None], tf.ensure_shape(soft, [None, soft_targets.shape[1]])], 1)
-        elif teacher is not None:
-            soft = tf.numpy_function(teacher.on_model_input, [x], tf.float32, stateful=False)
-            y = tf.concat([tf.cast(y, tf.float32)[:, None], tf.ensure_shape(soft, [None, teacher.classes])], 1)
+        if soft_targets is not None or teacher is not None:
+            if teacher is None:  # the cache stays float16; a batch's rows become float32
+                soft = tf.numpy_function(lambda i: soft_targets[i].astype(np.float32), [index], tf.float32,
+                                         stateful=False)
+            else:
+                soft = tf.numpy_function(teacher.on_model_input, [x], tf.float32, stateful=False)
+            classes = soft_targets.shape[1] if teacher is None else teacher.classes
+            y = tf.concat([tf.cast(y, tf.float32)[:, None], tf.ensure_shape(soft, [None, classes])], 1)
         return x, y
 
     # With the autotuner off, AUTOTUNE means one call per CPU core (at most 16) and the

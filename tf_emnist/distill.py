@@ -119,11 +119,11 @@ def cached_teacher_logits(run_dir: str, config, images: np.ndarray, task) -> np.
     record = teacher_record(sources, len(images))
     cache, record_path = os.path.join(run_dir, CACHE), os.path.join(run_dir, RECORD)
     if os.path.exists(cache) and os.path.exists(record_path) and read_json(record_path) == record:
-        return np.load(cache, allow_pickle=False).astype(np.float32)
+        return np.load(cache, allow_pickle=False)
     if os.path.exists(record_path):
         log.warning("the teacher's files changed since this run began; its outputs are computed again")
     logits = teacher_logits(sources, images, task).astype(np.float16)
     with atomic_path(cache) as tmp:
         np.save(tmp, logits)
     write_json(record_path, record)
-    return logits.astype(np.float32)
+    return logits
