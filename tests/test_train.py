@@ -539,3 +539,26 @@ def test_epoch_logs_drop_batch_loss_unless_a_resumed_history_has_it(tmp_path, hi
     step_logger.on_epoch_end(0, logs)
     assert ("batch_loss" in logs, "val_batch_loss" in logs) == (kept, kept)
     assert logs["loss"] == 0.6 and logs["val_loss"] == 0.6
+
+
+def test_init_from_starts_a_run_from_a_finished_runs_weights(nist_dir, tmp_path, capsys):
+    import keras
+
+    run, more = tmp_path / "run", tmp_path / "more"
+    assert run_cli("train", "--data-dir", nist_dir, "--output", run, "--epochs", 1, "--no-evaluate", *TINY) == 0
+    # A rate too small to move the weights: the second run ends where the first one did.
+    assert run_cli("train", "--data-dir", nist_dir, "--output", more, "--epochs", 1, "--no-evaluate",
+                   "--init-from", run, "--learning-rate", 1e-12, *TINY) == 0
+    before, after = (keras.saving.load_model(d / "model.keras", compile=False).get_weights() for d in (run, more))
+    assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(before, after))
+    record = json.loads((more / "init.json").read_text())
+    assert record["path"] == str(run / "model.keras") and len(record["sha256"]) == 64
+    assert json.loads((more / "config.json").read_text())["init_from"] == str(run)
+
+    # Another network: refused in one line, before any run directory is made.
+    assert run_cli("train", "--data-dir", nist_dir, "--output", tmp_path / "wide", "--init-from", run,
+                   *TINY, "--hidden-dim", 16) == 2
+    assert "its network differs from this run's" in capsys.readouterr().err
+    assert not (tmp_path / "wide").exists()
+    assert run_cli("train", "--data-dir", nist_dir, "--output", tmp_path / "none", "--init-from", tmp_path, *TINY) == 2
+    assert "no Keras model there" in capsys.readouterr().err

@@ -64,6 +64,9 @@ class TrainConfig:
     tfds_dir: str | None = _field(None, "tensorflow-datasets data dir (default: tfds's own, ~/tensorflow_datasets)")
     validation_split: float = _field(0.1, "fraction of train held out for validation (seeded, disjoint; 0: none, "
                                           "to refit chosen settings on all train images, see --refit)")
+    init_from: str | None = _field(
+        None, "start from another model's weights instead of random ones: a finished run directory or a .keras "
+              "file of the same network (e.g. to train a finished run on at a lower --learning-rate)")
     refit: str | None = _field(None, "refit a finished validation run on all train images: its settings, its "
                                      "epochs up to the best, its learning rate epoch by epoch (validation_split 0)")
     validation_seed: int | None = _field(

@@ -13,14 +13,13 @@ where x_T is softmax(logits / T) (Hinton et al., 2015); the loss is
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 
 import numpy as np
 
-from tf_emnist.files import atomic_path, read_json, write_json
+from tf_emnist.files import atomic_path, read_json, sha256_file, write_json
 
 log = logging.getLogger("tf_emnist")
 
@@ -54,19 +53,11 @@ def teacher_record(sources: list[str], num_images: int) -> dict:
             for name in sorted(files):
                 if name in ("saved_model.pb", "model.tflite", "model.keras") or ".data-" in name:
                     path = os.path.join(folder, name)
-                    digests[os.path.relpath(path, source) if len(sources) == 1 else path] = _sha256(path)
+                    digests[os.path.relpath(path, source) if len(sources) == 1 else path] = sha256_file(path)
     if not digests:
         raise ValueError(f"--teacher {','.join(sources)} holds no model (model.keras, saved_model.pb or "
                          "model.tflite); give run directories or exports")
     return {"sources": sources, "sha256": digests, "images": num_images}
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Teacher:

@@ -363,10 +363,10 @@ def _write_extra(folder: str, loaded: list, paths: list[str], task: Task, format
 
 
 def portable_config(config: TrainConfig) -> dict:
-    """A run's config as an export records it: data folders, the run a refit refits and teachers by name
-    only, no path of this machine."""
+    """A run's config as an export records it: data folders, the run a refit refits, the model it
+    started from and teachers by name only, no path of this machine."""
     values = config.to_dict()
-    for name in ("data_dir", "tfds_dir", "refit"):
+    for name in ("data_dir", "tfds_dir", "refit", "init_from"):
         if values.get(name):
             values[name] = os.path.basename(os.path.normpath(values[name]))
     if values.get("teacher"):  # a distilled model's teacher, by name

@@ -5,6 +5,7 @@ import contextlib
 import csv
 import ctypes
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -105,6 +106,15 @@ def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path: str | os.PathLike):

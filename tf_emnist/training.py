@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from tf_emnist.config import TrainConfig, config_from_dict
-from tf_emnist.files import atomic_path, read_json, save_figure, write_csv, write_json
+from tf_emnist.files import atomic_path, read_json, save_figure, sha256_file, write_csv, write_json
 from tf_emnist.model import AUTOMATIC, resolve_choices
 from tf_emnist.runs import (BACKUP, CONFIG, HISTORY, MODEL, STATE, STEPS, _NEW_STATE, _read_csv, _record_environment,
                             check_run_dir, read_history, run_lock)
@@ -227,6 +227,8 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
         from tf_emnist.distill import check_teacher
 
         check_teacher(config, task)
+    outputs = len(task.source_chars) if config.fine_labels else task.num_classes
+    start = initial_weights(config, outputs) if config.init_from else None
     # The data is checked before the run directory is made: bad data leaves no run behind.
     images, labels = load_split(task, "train", config, source_labels=config.fine_labels)
     train_idx, val_idx = split_validation(len(labels), config.validation_split, config.split_seed)
@@ -245,12 +247,46 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
         else:
             config = here
             write_json(os.path.join(run_dir, CONFIG), config.to_dict())
+            if config.init_from:
+                path = init_model_path(config.init_from)
+                write_json(os.path.join(run_dir, INIT), {"path": path, "sha256": sha256_file(path)})
         _record_environment(run_dir)
         log.info("%s the run in %s", "resuming" if resuming else "starting", run_dir)
-        return _fit(config, task, run_dir, images, labels, train_idx, val_idx, verbose)
+        return _fit(config, task, run_dir, images, labels, train_idx, val_idx, verbose, start)
 
 
-def _fit(config, task, run_dir, images, labels, train_idx, val_idx, verbose) -> dict:
+INIT = "init.json"  # the model a run started from (--init-from): its path and sha256
+
+
+def init_model_path(source: str) -> str:
+    """The .keras file that --init-from names: the file itself, or a run directory's model."""
+    path = os.path.join(source, MODEL) if os.path.isdir(source) else source
+    if not (os.path.isfile(path) and path.endswith(".keras")):
+        raise ValueError(f"--init-from {source}: no Keras model there; give a finished run directory or a .keras file")
+    return path
+
+
+def initial_weights(config: TrainConfig, outputs: int) -> list:
+    """The weights --init-from names, checked against this run's network (a one-line ValueError)."""
+    import keras
+
+    from tf_emnist.model import build_model, custom_objects
+
+    path = init_model_path(config.init_from)
+    try:
+        weights = keras.saving.load_model(path, custom_objects=custom_objects(), compile=False).get_weights()
+    except Exception as e:  # a truncated or foreign file, whatever the reader raises
+        raise ValueError(f"--init-from {path}: unreadable as a Keras model ({e.__class__.__name__}); "
+                         "give a finished run directory or a .keras file") from None
+    plain = config.replace(lstm_kernel=False, bf16_gradients=None, mixed_precision=False)
+    wanted = [w.shape for w in build_model(plain, outputs).get_weights()]
+    if [w.shape for w in weights] != wanted:
+        raise ValueError(f"--init-from {path}: its network differs from this run's; give the same task, "
+                         "--hidden-dim, --num-layers and --bidirectional as the model it starts from")
+    return weights
+
+
+def _fit(config, task, run_dir, images, labels, train_idx, val_idx, verbose, start=None) -> dict:
     import keras
     import tensorflow as tf
 
@@ -290,6 +326,8 @@ def _fit(config, task, run_dir, images, labels, train_idx, val_idx, verbose) -> 
     with strategy.scope():
         model = compile_model(build_model(config, outputs), config, steps, track_batch_loss=True,
                               replicas=strategy.num_replicas_in_sync)
+        if start is not None:  # a resumed run's backup replaces them
+            model.set_weights(start)
     if verbose is None:  # a progress bar in terminals and notebooks, one line an epoch in logs
         verbose = 1 if sys.stdout.isatty() or "ipykernel" in sys.modules else 2
 
