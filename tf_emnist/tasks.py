@@ -119,7 +119,7 @@ def resolve_config(given: dict[str, Any], config_file: str | os.PathLike | None 
         from_file = {**from_file, **refit_settings(refit)}
     task = get_task(given.get("task") or from_file.get("task") or "merged")
     settings = {**from_file, **given, "task": task.name}
-    for name in ("data_dir", "tfds_dir", "init_from"):
+    for name in ("data_dir", "tfds_dir", "init_from", "refit"):
         if settings.get(name):
             settings[name] = os.path.abspath(os.path.expanduser(settings[name]))
     if settings.get("teacher"):
