@@ -21,6 +21,12 @@ def test_one_merged_model_ships_in_each_format():
     assert sorted(name.split("/")[0] for name in SHIPPED) == ["merged", "merged-tflite"]
 
 
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_model_is_one_network(name):
+    """A request costs one network's time (a distilled student), not an ensemble's."""
+    assert not os.path.exists(os.path.join(SHIPPED[name], "assets.extra", "ensemble.json"))
+
+
 @pytest.mark.parametrize("name", [name for name in sorted(SHIPPED) if "tflite" not in name])
 def test_shipped_savedmodel_is_portable(name):
     from tf_emnist.export import xla_functions

@@ -2,7 +2,7 @@
 
 Importing this package is light: TensorFlow and Keras load on first use.
 """
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 from tf_emnist.config import HYPERPARAMETERS, TrainConfig, read_config_file
 from tf_emnist.data import load_split, make_dataset, split_validation
