@@ -147,6 +147,8 @@ def test_one_gpu_runs_trials_under_its_one_device_strategy(nist_dir, tmp_path, m
     (["--tuner", "grid"], "unknown tuner 'grid'"),
     (["--space", "hidden_dim=300:100"], "is empty (min > max)"),
     (["--space", "batch_size="], "empty value"),
+    (["--init-from", "runs"], "drop --init-from"),
+    (["--teacher", "runs"], "tune does not distill"),
 ])
 def test_tune_bad_input_one_line(nist_dir, tmp_path, capsys, args, message):
     assert run_cli("tune", "--data-dir", nist_dir, "--output", tmp_path / "s", *args) == 2

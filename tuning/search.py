@@ -193,6 +193,8 @@ def run_search(base: TrainConfig, space: dict, *, tuner_kind: str = "random", ma
         raise ValueError("tune searches the task's own classes; drop --fine-labels (it is a train option)")
     if base.teacher:
         raise ValueError("tune does not distill; drop --teacher, and search a student's settings with train runs")
+    if base.init_from:
+        raise ValueError("tune starts every trial from random weights; drop --init-from (it is a train option)")
     if not base.validation_split:
         raise ValueError("tune chooses on validation images; give --validation-split above 0")
     images, labels = load_split(task, "train", base)  # the test split is never read here
