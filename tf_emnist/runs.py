@@ -16,6 +16,7 @@ from tf_emnist.tasks import get_task
 
 CONFIG, STATE, STEPS, HISTORY, MODEL = "config.json", "train_state.json", "steps.csv", "history.csv", "model.keras"
 BACKUP, LOCK = "backup", "run.lock"
+INIT = "init.json"  # the model a run started from (--init-from): its path and sha256
 _NEW_STATE = {"best_val_accuracy": None, "best_epoch": None, "best_batch_loss": None, "train_seconds": 0.0,
               "finished": False}
 

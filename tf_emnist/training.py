@@ -11,8 +11,8 @@ import numpy as np
 from tf_emnist.config import TrainConfig, config_from_dict
 from tf_emnist.files import atomic_path, read_json, save_figure, sha256_file, write_csv, write_json
 from tf_emnist.model import AUTOMATIC, resolve_choices
-from tf_emnist.runs import (BACKUP, CONFIG, HISTORY, MODEL, STATE, STEPS, _NEW_STATE, _read_csv, _record_environment,
-                            check_run_dir, read_history, run_lock)
+from tf_emnist.runs import (BACKUP, CONFIG, HISTORY, INIT, MODEL, STATE, STEPS, _NEW_STATE, _read_csv,
+                            _record_environment, check_run_dir, read_history, run_lock)
 from tf_emnist.tasks import get_task
 
 log = logging.getLogger("tf_emnist")
@@ -253,9 +253,6 @@ def train(config: TrainConfig, run_dir: str, *, verbose: int | None = None) -> d
         _record_environment(run_dir)
         log.info("%s the run in %s", "resuming" if resuming else "starting", run_dir)
         return _fit(config, task, run_dir, images, labels, train_idx, val_idx, verbose, start)
-
-
-INIT = "init.json"  # the model a run started from (--init-from): its path and sha256
 
 
 def init_model_path(source: str) -> str:
