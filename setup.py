@@ -2,7 +2,7 @@ import re
 
 from setuptools import setup
 
-VERSION = re.search(r'__version__ = "([^"]+)"', open("tf_emnist/__init__.py").read()).group(1)
+VERSION = re.search(r'__version__ = "([^"]+)"', open("tf_emnist/version.py").read()).group(1)
 
 setup(
     name="tf-emnist",
@@ -33,9 +33,12 @@ setup(
     ],
     extras_require={
         "serve": ["starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18"],
-        "test": ["pytest>=8", "selenium>=4.20", "starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18"],
+        # Keras's JAX backend (CPU wheels; for NVIDIA GPUs install JAX's CUDA build, see docs/training.md)
+        "jax": ["jax>=0.4.34"],
+        "test": ["pytest>=8", "selenium>=4.20", "starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18",
+                 "jax>=0.4.34"],
         "gpu": ["tensorflow[and-cuda]>=2.16"],
     },
     package_data={"tf_emnist": ["static/*.html"]},
-    entry_points={"console_scripts": ["tf-emnist=tf_emnist.cli.main:main"]},
+    entry_points={"console_scripts": ["tf-emnist=tf_emnist.cli.main:run"]},
 )

@@ -23,11 +23,11 @@ from tf_emnist.bench import cpu_name
 from tf_emnist.files import write_json
 
 
-def model_ms(path: str, jit_compile: bool, batch: int, repeats: int) -> float:
+def model_ms(path: str, xla: bool, batch: int, repeats: int) -> float:
     """Median milliseconds of one model call at `batch`, as the server makes it."""
     from tf_emnist.serve import ServedModel
 
-    model = ServedModel(path, jit_compile=jit_compile)
+    model = ServedModel(path, xla=xla)
     images = np.random.default_rng(0).integers(0, 256, (batch, 28, 28), dtype=np.uint8)
     model.logits(images)
     times = []
@@ -98,11 +98,10 @@ def main() -> None:
     results = {"cpu": cpu_name(), "models": {}}
     for path in args.models:
         row = {}
-        saved_model = os.path.isfile(os.path.join(path, "saved_model.pb"))
-        for jit in ((True, False) if saved_model else (False,)):
-            key = "xla" if jit else "portable"
-            row[f"model_ms_batch1_{key}"] = model_ms(path, jit, 1, 50)
-            row[f"model_ms_batch1024_{key}"] = model_ms(path, jit, 1024, 3)
+        for xla in (True, False):  # a TFLite export runs its own runtime either way
+            key = "xla" if xla else "portable"
+            row[f"model_ms_batch1_{key}"] = model_ms(path, xla, 1, 50)
+            row[f"model_ms_batch1024_{key}"] = model_ms(path, xla, 1024, 3)
         for batching, size in (("batching", 64), ("no_batching", 1)):
             row[batching] = http_figures(path, size, args.requests)
         results["models"][path] = row

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from tf_emnist.config import FIELDS, TrainConfig, coerce
+from tf_emnist.config import BACKENDS, FIELDS, TrainConfig, coerce
 from tf_emnist.tasks import resolve_config
 
 # Exit codes: 1 some inputs were skipped (the rest answered), 2 bad input or settings, 3 bad data,
@@ -46,7 +46,7 @@ def _positive_int(text: str) -> int:
 
 def _model_path(text: str) -> str:
     """A model path; a folder of numbered versions (saved_models/merged) means its newest."""
-    from tf_emnist.export import newest_version
+    from tf_emnist.sources import newest_version
 
     return newest_version(text)
 
@@ -75,8 +75,11 @@ TUNE_EPOCHS, TUNE_PATIENCE = 3, 2  # tune's short trials, unless --epochs / --pa
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The run's settings from the parsed flags (see tf_emnist.tasks.resolve_config)."""
+    """The run's settings from the parsed flags (see tf_emnist.tasks.resolve_config); the backend is the
+    one this process runs (`choose_backend`)."""
     given = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    if getattr(args, "chosen_backend", None):
+        given["backend"] = args.chosen_backend
     config = resolve_config(given, getattr(args, "config", None), args.preset)
     if config.teacher:  # recorded as the versions it names now
         config = config.replace(teacher=",".join(_model_path(p) for p in config.teacher.split(",")))
@@ -84,13 +87,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
+    from tf_emnist.backend import Cluster
     from tf_emnist.runs import default_run_dir
     from tf_emnist.training import train, train_and_evaluate
 
     config = config_from_args(args)
+    cluster = Cluster.from_settings(args.coordinator, args.num_processes, args.process_id)
     run_dir = args.output or default_run_dir(config)
     if not args.evaluate:  # choosing settings: validation only, the test split stays unseen
-        state = train(config, run_dir)
+        state = train(config, run_dir, cluster=cluster)
         if state["best_val_accuracy"] is None:  # a refit: no validation images
             print(f"{config.task}: trained {state['best_epoch']} epochs on all {state['train_examples']} train images, "
                   f"{state['train_seconds'] / 60:.1f} min; evaluate later with `tf-emnist evaluate {run_dir}`")
@@ -99,7 +104,7 @@ def cmd_train(args) -> int:
                   f"{state['best_epoch']}), {state['train_seconds'] / 60:.1f} min; evaluate later with "
                   f"`tf-emnist evaluate {run_dir}`")
         return 0
-    metrics = train_and_evaluate(config, run_dir)
+    metrics = train_and_evaluate(config, run_dir, cluster=cluster)
     _print_summary(metrics, run_dir)
     return 0
 
@@ -164,7 +169,7 @@ def cmd_tune(args) -> int:
 def cmd_export(args) -> int:
     from tf_emnist.export import export_model
 
-    path = export_model(args.sources, args.output, version=args.version, force=args.force, jit_compile=args.jit_compile,
+    path = export_model(args.sources, args.output, version=args.version, force=args.force, require_xla=args.require_xla,
                         format=args.format, quantize=args.quantize)
     print(path)
     return 0
@@ -215,7 +220,7 @@ def cmd_serve(args) -> int:
     from tf_emnist.serve import serve
 
     serve(args.model, host=args.host, port=args.port, model_name=args.model_name,
-          max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms, jit_compile=args.jit_compile)
+          max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms, xla=args.xla)
     return 0
 
 
@@ -225,7 +230,7 @@ def cmd_bench(args) -> int:
 
     results = run_benchmark(args.tasks, steps=args.steps, rounds=args.rounds, baseline=args.baseline,
                             memory=args.memory, jit_compile=args.jit_compile, bf16_gradients=args.bf16_gradients,
-                            lstm_kernel=args.lstm_kernel)
+                            lstm_kernel=args.lstm_kernel, backends=tuple(dict.fromkeys(["tensorflow", *args.backend])))
     print(format_table(results))
     if args.output:
         write_json(args.output, results)
@@ -280,6 +285,11 @@ def _add_train(sub) -> None:
                        help="evaluate on the test split after training (--no-evaluate: validation only)")
     train.add_argument("--output", metavar="DIR", help="run directory (default: runs/<task>-<timestamp>, "
                                                        "or the unfinished run of the same settings)")
+    cluster = train.add_argument_group(
+        "several processes or machines (JAX; each flag defaults to Keras's KERAS_DISTRIBUTION_* variable)")
+    cluster.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, the same for every process")
+    cluster.add_argument("--num-processes", type=_positive_int, metavar="N", help="how many processes train the run")
+    cluster.add_argument("--process-id", type=int, metavar="I", help="this process's number, 0 to N-1 (0 writes the run)")
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
 
@@ -306,6 +316,9 @@ def _add_evaluate(sub) -> None:
     evaluate.add_argument("--limit-test", type=_typed("limit_test"), help="evaluate on the first N test images")
     evaluate.add_argument("--allow-unfinished", action="store_true",
                           help="evaluate a run whose training was interrupted (its best epoch so far; needs --output)")
+    evaluate.add_argument("--backend", choices=BACKENDS,
+                          help="Keras backend that runs run directories' models (default: KERAS_BACKEND, else "
+                               "tensorflow; exports need tensorflow)")
     evaluate.set_defaults(func=cmd_evaluate)
 
 
@@ -349,9 +362,10 @@ def _add_export(sub) -> None:
     export.add_argument("--output", default="saved_models", help="export root (default: saved_models)")
     export.add_argument("--version", type=int, help="version number (default: the next free one)")
     export.add_argument("--force", action="store_true", help="replace an existing version")
-    export.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="mark the serving function for XLA (default off: the export loads anywhere, "
-                             "TensorFlow Serving included; `tf-emnist serve` compiles with XLA in-process anyway)")
+    export.add_argument("--require-xla", action=argparse.BooleanOptionalAction, default=False,
+                        help="mark the exported graph as XLA-compiled, which then needs XLA to run (default off: the "
+                             "export loads anywhere, TensorFlow Serving included; `tf-emnist serve --xla` compiles "
+                             "with XLA in its own process anyway)")
     export.add_argument("--format", choices=FORMATS, default="savedmodel",
                         help="savedmodel (default), or tflite: OUTPUT/<task>-tflite/<version>/model.tflite, "
                              "built-in ops only, any batch size; from run directories")
@@ -393,8 +407,9 @@ def _add_serve(sub) -> None:
                        help="images of concurrent requests run as one batch, at most (default 64; 1: no batching)")
     serve.add_argument("--batch-timeout-ms", type=float, default=2.0,
                        help="how long a batch waits for more requests after its first (default 2 ms)")
-    serve.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=True,
-                       help="compile a SavedModel with XLA in this process (default on; the export stays portable)")
+    serve.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
+                       help="compile the model with XLA in the server's process (default on; the export on disk "
+                            "stays portable)")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -407,8 +422,8 @@ def _add_bench(sub) -> None:
     bench.add_argument("--tasks", nargs="+", default=["digit-letter", "merged"], help="presets to measure")
     bench.add_argument("--steps", type=int, default=30, help="timed training steps per round (default 30)")
     bench.add_argument("--rounds", type=int, default=2, help="Keras/PyTorch alternations; medians kept (default 2)")
-    bench.add_argument("--baseline", default=os.path.normpath(DEFAULT_BASELINE),
-                       help="the PyTorch yardstick script (default: ../shared/baselines/seed_torch_lstm.py; "
+    bench.add_argument("--baseline", default=DEFAULT_BASELINE,
+                       help="the PyTorch yardstick script (default: benchmarks/seed_torch_lstm.py, the study's model; "
                             "PyTorch figures appear when torch is installed)")
     bench.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                        help="also measure peak RSS training on a full-size train split (default on)")
@@ -420,6 +435,9 @@ def _add_bench(sub) -> None:
     bench.add_argument("--lstm-kernel", action=argparse.BooleanOptionalAction, default=None,
                        help="force the LSTM kernel on or off (off: Keras's LSTM, all in XLA; "
                             "default: as training does)")
+    bench.add_argument("--backend", nargs="+", choices=BACKENDS, default=[],
+                       help="also time training on these Keras backends, each in a process of its own, beside "
+                            "TensorFlow's (e.g. --backend jax)")
     bench.add_argument("--output", metavar="JSON", help="write the figures here")
     bench.set_defaults(func=cmd_bench)
 
@@ -455,8 +473,28 @@ def cli_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
+TENSORFLOW_ONLY = ("export", "predict", "serve", "bench")  # commands that read or write TensorFlow's formats
+
+
+def choose_backend(args: argparse.Namespace) -> str:
+    """The Keras backend of this command, set before anything imports Keras: the flag, else a resumed
+    run's own (train --output), else KERAS_BACKEND, else tensorflow."""
+    from tf_emnist.backend import select_backend
+
+    if args.command in TENSORFLOW_ONLY:
+        return select_backend("tensorflow")
+    name = getattr(args, "backend", None)
+    recorded = os.path.join(getattr(args, "output", None) or "", "config.json")
+    if name is None and args.command == "train" and getattr(args, "output", None) and os.path.isfile(recorded):
+        with open(recorded) as f:
+            try:
+                name = json.load(f).get("backend")
+            except (json.JSONDecodeError, AttributeError):
+                name = None  # the run's config is checked, with its one-line error, when the run starts
+    return select_backend(name)
+
+
 def main(argv=None) -> int:
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -468,6 +506,7 @@ def main(argv=None) -> int:
     from tf_emnist.runs import RunDirError
 
     try:
+        args.chosen_backend = choose_backend(args)
         return args.func(args)
     except KeyboardInterrupt:
         print(f"\n{parser.prog}: interrupted; run the same command again to resume", file=sys.stderr)
@@ -486,5 +525,18 @@ def main(argv=None) -> int:
         return EXIT_IO
 
 
+def run(argv=None) -> None:
+    """The console script: main's exit code. A process of a cluster that fails leaves at once: with a peer
+    gone, JAX's orderly shutdown would wait minutes for it."""
+    code = main(argv)
+    from tf_emnist.backend import joined
+
+    if code and joined():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

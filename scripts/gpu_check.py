@@ -1,104 +1,276 @@
 #!/usr/bin/env python3
-"""GPU check (under 5 minutes on one GPU): epoch time of both presets on full-size synthetic data.
+"""GPU benchmark on Keras's JAX backend beside the study's PyTorch model: seconds per full ByMerge epoch.
 
-First, where training puts things: the device a batch reaches from the training strategy's
-distributed dataset (the GPU, copied ahead of the step), and the dtypes of the LSTMs and the
-logits under --mixed-precision (float16 and float32 on a GPU).
+Runs with PyTorch, JAX and Keras alone (no TensorFlow): both presets at full size (697,932
+synthetic images of EMNIST's shape) and batch 256, float32. The GPU is warmed first; then, for
+each preset, every round times, in an order that flips each round:
 
-Then, for each preset: float32 with cuDNN, mixed precision (float16) with cuDNN, float32
-without cuDNN (use_cudnn=False), and mixed precision at batch 1024 with the scaled rate,
-each on a slice, scaled to an epoch. Prints a table and JSON. On a GPU the cuDNN rows build
-their LSTMs with use_cudnn=True, so Keras raises instead of silently timing its fallback;
-a row that fails holds its error, and the others still run.
+- `torch`: the study's model (benchmarks/seed_torch_lstm.py) and training loop, cuDNN, the data
+  on the GPU;
+- `keras_fit`: tf-emnist's training as `train` runs it (Keras fit over numpy batches);
+- `keras_fit_spe8`: the same, 8 steps to one compiled call (steps_per_execution), fewer
+  round trips between host and GPU;
+- `keras_fit_device_data`: the same, the images on the GPU already, each batch gathered there;
+- `jax_step`: a bare jitted step of the same model (Keras's stateless_call, its optimizer's
+  stateless_apply) on data on the GPU, no fit loop: what the device alone needs.
 
-Usage: python scripts/gpu_check.py [--fraction 0.25]
+Each figure is a slice of an epoch scaled to the whole; the medians of the rounds and their
+ratios over torch are printed, then where a step's time goes (jitted forward, forward and
+backward, and the whole step, in ms) and a JSON line of everything.
+
+Usage: python scripts/gpu_check.py [--rounds 3] [--fraction 0.2]
        python scripts/gpu_check.py --smoke   (2,048 images, 16 units: checks on any machine that it runs)
 """
+from __future__ import annotations
+
 import argparse
+import importlib.util
 import json
+import os
+import statistics
+import sys
 import time
 
-import numpy as np
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
 
-from tf_emnist.bench import FULL_TRAIN, synthetic
-from tf_emnist.data import make_dataset
-from tf_emnist.model import build_model, compile_model, steps_per_epoch
-from tf_emnist.tasks import get_task
-from tf_emnist.training import distribution_strategy
+from tf_emnist.backend import select_backend  # noqa: E402
+
+select_backend("jax")
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tf_emnist.bench import FULL_TRAIN, synthetic  # noqa: E402
+from tf_emnist.data import Batches  # noqa: E402
+from tf_emnist.model import build_model, compile_model  # noqa: E402
+from tf_emnist.tasks import get_task  # noqa: E402
+from tf_emnist.training import fit_model  # noqa: E402
+
+BATCH = 256
 
 
-def epoch_seconds(config, images, labels, *, use_cudnn="auto", max_steps=None):
-    task = get_task(config.task)
-    with distribution_strategy("default").scope():  # as training runs: batches copied to the GPU ahead of the step
-        model = compile_model(build_model(config, task.num_classes, use_cudnn=use_cudnn), config)
-    ds = make_dataset(images, labels, config.batch_size, training=True)
-    model.fit(ds.take(10), verbose=0, shuffle=False)  # build, trace, warm up
-    steps = steps_per_epoch(len(labels), config.batch_size)
-    timed = min(steps, max_steps or steps)
+def keras_model(config, num_classes: int, steps_per_execution: int = 1):
+    return compile_model(build_model(config, num_classes), config, track_batch_loss=True,
+                         steps_per_execution=steps_per_execution)
+
+
+def keras_fit_seconds(config, images, labels, steps: int, *, steps_per_execution: int = 1, on_device=False):
+    """Seconds for `steps` steps of Keras fit (after a warm-up fit that compiles)."""
+    model = keras_model(config, get_task(config.task).num_classes, steps_per_execution)
+    batches = Batches(images, labels, BATCH, training=True)
+    if on_device:
+        batches = DeviceBatches(batches)
+    warm = max(2, steps_per_execution)
+    fit_model(model, config.replace(epochs=1), Slice(batches, warm), verbose=0)
     start = time.perf_counter()
-    model.fit(ds.take(timed), verbose=0, shuffle=False)
-    return (time.perf_counter() - start) * steps / timed
+    fit_model(model, config.replace(epochs=1), Slice(batches, steps), verbose=0)
+    return time.perf_counter() - start
 
 
-def placement(images, labels) -> dict:
-    """Where a training batch lands, and the dtypes mixed precision trains in (merged preset)."""
-    import keras
+class Slice:
+    """The first `steps` batches of `batches`."""
 
-    config = get_task("merged").preset.replace(mixed_precision=True, jit_compile=False)
-    strategy = distribution_strategy("default")
-    batch, _ = next(iter(strategy.experimental_distribute_dataset(make_dataset(images, labels, 256, training=True))))
-    with strategy.scope():
-        model = build_model(config, get_task("merged").num_classes)
-    lstm = next(layer for layer in model.layers if isinstance(layer, keras.layers.LSTM))
-    return {"batch_device": batch.device, "strategy": type(strategy).__name__,
-            "lstm_compute_dtype": lstm.compute_dtype, "lstm_variable_dtype": lstm.variable_dtype,
-            "logits_dtype": model(batch[:2]).dtype.name}
+    def __init__(self, batches, steps):
+        self.batches, self.steps = batches, min(steps, len(batches))
+
+    def __len__(self):
+        return self.steps
+
+    def __getitem__(self, step):
+        return self.batches[step]
+
+    def set_epoch(self, epoch):
+        self.batches.set_epoch(epoch)
+
+    classes = None
 
 
-def attempt(config, images, labels, **options):
-    """epoch_seconds, or the error that stopped it in one line: a GPU run should report every row."""
+class DeviceBatches:
+    """Batches whose images wait on the accelerator: each batch is gathered there (no copy per step)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.images = jax.device_put(batches.images.transpose(0, 2, 1).astype(np.float32) / 255.0)
+        self.labels = jax.device_put(batches.labels)
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, step):
+        index = jax.device_put(self.batches.indices(step))
+        return self.images[index], self.labels[index]
+
+    def set_epoch(self, epoch):
+        self.batches.set_epoch(epoch)
+
+    classes = None
+
+
+def jax_step_seconds(config, images, labels, steps: int) -> dict:
+    """A bare jitted training step of the Keras model on data on the device: seconds for `steps` of it, and
+    the milliseconds of its parts (forward; forward and backward; the whole step)."""
+    num_classes = get_task(config.task).num_classes
+    model = keras_model(config, num_classes)
+    optimizer, loss_fn = model.optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    optimizer.build(model.trainable_variables)
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    opt_state = [v.value for v in optimizer.variables]
+    x = jax.device_put(images[:BATCH * 8].astype(np.float32) / 255.0)
+    y = jax.device_put(labels[:BATCH * 8])
+
+    def loss(trainable, non_trainable, xb, yb):
+        logits, non_trainable = model.stateless_call(trainable, non_trainable, xb, training=True)
+        return loss_fn(yb, logits), non_trainable
+
+    forward = jax.jit(lambda t, n, xb, yb: loss(t, n, xb, yb)[0])
+    backward = jax.jit(jax.grad(lambda t, n, xb, yb: loss(t, n, xb, yb)[0]))
+
+    @jax.jit
+    def step(trainable, non_trainable, opt_state, xb, yb):
+        (_, non_trainable), grads = jax.value_and_grad(loss, has_aux=True)(trainable, non_trainable, xb, yb)
+        trainable, opt_state = optimizer.stateless_apply(opt_state, grads, trainable)
+        return trainable, non_trainable, opt_state
+
+    def timed(fn, *args, repeat):
+        jax.block_until_ready(fn(*args))
+        start = time.perf_counter()
+        for i in range(repeat):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - start) / repeat
+
+    xb, yb = x[:BATCH], y[:BATCH]
+    parts = {"forward_ms": 1000 * timed(forward, trainable, non_trainable, xb, yb, repeat=20),
+             "forward_backward_ms": 1000 * timed(backward, trainable, non_trainable, xb, yb, repeat=20)}
+    state = step(trainable, non_trainable, opt_state, xb, yb)  # compile
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for i in range(steps):
+        state = step(*state, x[(i % 8) * BATCH:(i % 8 + 1) * BATCH], y[(i % 8) * BATCH:(i % 8 + 1) * BATCH])
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - start
+    parts["step_ms"] = 1000 * seconds / steps
+    return {"seconds": seconds, **parts}
+
+
+def torch_seconds(preset: dict, images, labels, steps: int):
+    """Seconds for `steps` steps of the study's PyTorch training loop, its data on the GPU (else None)."""
     try:
-        return epoch_seconds(config, images, labels, **options)
-    except Exception as e:  # e.g. Keras refusing use_cudnn=True for a configuration
-        return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        import torch
+    except ImportError:
+        return None
+    spec = importlib.util.spec_from_file_location("seed", os.path.join(ROOT, "benchmarks", "seed_torch_lstm.py"))
+    seed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = seed.SeedLSTM(preset["hidden"], preset["layers"], preset["classes"]).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 2, 1))).float().div(255.0).to(device)
+    y = torch.from_numpy(labels.astype(np.int64)).to(device)
+    order = torch.randperm(len(x), device=device)
+
+    def train(count):
+        best = float("inf")
+        for i in range(count):
+            index = order[(i * BATCH) % (len(x) - BATCH):][:BATCH]
+            loss = loss_fn(model(x[index]), y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            best = min(best, loss.item())  # the study's loop reads every batch's loss
+        return best
+
+    train(3)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    train(steps)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
-def main():
-    import tensorflow as tf
+def measures(name: str, images, labels, steps: int, smoke: bool) -> dict:
+    """name -> f() giving seconds for `steps` steps (or None where it cannot run)."""
+    task = get_task(name)
+    config = task.preset.replace(backend="jax", jit_compile=True, **({"hidden_dim": 16} if smoke else {}))
+    study = {"digit-letter": dict(classes=2, hidden=128, layers=3), "merged": dict(classes=47, hidden=256, layers=3)}
+    preset = {**study[name], **({"hidden": 16} if smoke else {})}
+    labels = labels % task.num_classes
+    return {
+        "torch": lambda: torch_seconds(preset, images, labels, steps),
+        "keras_fit": lambda: keras_fit_seconds(config, images, labels, steps),
+        "keras_fit_spe8": lambda: keras_fit_seconds(config, images, labels, steps, steps_per_execution=8),
+        "keras_fit_device_data": lambda: keras_fit_seconds(config, images, labels, steps, on_device=True),
+        "jax_step": lambda: jax_step_seconds(config, images, labels, steps),
+    }
 
+
+def warm_up(seconds: float) -> None:
+    """Matmuls until the GPU has run at full clocks for a while (it idles low)."""
+    a = jax.random.normal(jax.random.key(0), (4096, 4096))
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        a = jax.block_until_ready(a @ a / 64.0)
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fraction", type=float, default=0.25, help="share of an epoch timed (then scaled)")
-    parser.add_argument("--smoke", action="store_true", help="a tiny run (2,048 images, 16 units) that checks the script runs")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the medians are kept (default 3)")
+    parser.add_argument("--fraction", type=float, default=0.2, help="share of an epoch each figure times")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run (2,048 images, 16 units) on any machine")
     args = parser.parse_args()
     examples = 2048 if args.smoke else FULL_TRAIN
-    gpus = tf.config.list_logical_devices("GPU")
-    print(f"GPUs: {[g.name for g in gpus]}, TensorFlow {tf.__version__}")
-    cudnn = True if gpus else "auto"  # on a CPU (--smoke) there is no cuDNN to ask for
-    rows = {"placement": placement(*synthetic(1024, get_task("merged").num_classes))}
-    print("placement", rows["placement"], flush=True)
+    epoch_steps = -(-examples // BATCH)
+    steps = 4 if args.smoke else max(50, int(epoch_steps * args.fraction))
+    devices = jax.devices()
+    print(f"devices: {[str(d) for d in devices]}, JAX {jax.__version__}, Keras {keras.__version__}", flush=True)
+    warm_up(1 if args.smoke else 20)
+    images, labels = synthetic(examples, 47)
+    results = {"devices": [str(d) for d in devices], "examples": examples, "timed_steps": steps, "tasks": {}}
     for name in ("digit-letter", "merged"):
-        task = get_task(name)
-        images, labels = synthetic(examples, task.num_classes)
-        steps = max(1, int(steps_per_epoch(examples, 256) * args.fraction))
-        base = task.preset.replace(jit_compile=False, **({"hidden_dim": 16} if args.smoke else {}))
-        row = {
-            "float32_cudnn_s": attempt(base, images, labels, use_cudnn=cudnn, max_steps=steps),
-            "mixed_float16_cudnn_s": attempt(base.replace(mixed_precision=True), images, labels,
-                                             use_cudnn=cudnn, max_steps=steps),
-            "float32_no_cudnn_s": attempt(base, images, labels, use_cudnn=False, max_steps=max(20, steps // 10)),
-            # the large-batch option: 4x the batch, the rate scaled with it (--batch-size 1024 --scale-lr)
-            "mixed_float16_batch1024_s": attempt(
-                base.replace(mixed_precision=True, batch_size=1024, scale_lr=True), images, labels,
-                use_cudnn=cudnn, max_steps=max(10, steps // 4)),
-        }
-        if isinstance(seconds := row["float32_cudnn_s"], float):
-            row["samples_per_s_float32"] = examples / seconds
-            row["study_epochs_min_float32"] = seconds * task.preset.epochs / 60
-        rows[name] = row
-        print(name, {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-    print(json.dumps(rows))
+        timings = {k: [] for k in measures(name, images, labels, steps, args.smoke)}
+        parts = []
+        for round_ in range(args.rounds):
+            order = list(measures(name, images, labels, steps, args.smoke).items())
+            for key, measure in (order if round_ % 2 == 0 else order[::-1]):
+                figure = measure()
+                if isinstance(figure, dict):
+                    parts.append({k: v for k, v in figure.items() if k != "seconds"})
+                    figure = figure["seconds"]
+                if figure is not None:
+                    timings[key].append(figure * epoch_steps / steps)
+            print(f"{name} round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s/epoch" for k, v in timings.items()
+                                                           if v), flush=True)
+        results["tasks"][name] = summary(timings, parts)
+    print(table(results))
+    print(json.dumps(results))
+
+
+def summary(timings: dict, parts: list[dict]) -> dict:
+    row = {f"{k}_s_per_epoch": statistics.median(v) for k, v in timings.items() if v}
+    if "torch_s_per_epoch" in row:
+        for key in timings:
+            if key != "torch" and f"{key}_s_per_epoch" in row:
+                row[f"{key}_over_torch"] = row["torch_s_per_epoch"] / row[f"{key}_s_per_epoch"]
+    for part in ("forward_ms", "forward_backward_ms", "step_ms"):
+        row[part] = statistics.median(p[part] for p in parts)
+    return row
+
+
+def table(results: dict) -> str:
+    keys = list(dict.fromkeys(k for row in results["tasks"].values() for k in row))
+    lines = [f"{'figure':32}" + "".join(f"{name:>14}" for name in results["tasks"])]
+    for key in keys:
+        lines.append(f"{key:32}" + "".join(f"{row[key]:14.2f}" if key in row else f"{'-':>14}"
+                                           for row in results["tasks"].values()))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    np.random.seed(0)
     main()

@@ -35,7 +35,8 @@ def worker(index: int, ports: list[int]) -> None:
 
     from tf_emnist.bench import synthetic
     from tf_emnist.config import TrainConfig
-    from tf_emnist.data import make_dataset
+    from tf_emnist.data import Batches
+    from tf_emnist.feeding import tf_dataset
     from tf_emnist.model import build_model, compile_model
 
     print("making the strategy (connecting to the other worker)", flush=True)
@@ -43,7 +44,7 @@ def worker(index: int, ports: list[int]) -> None:
     print(f"strategy made: {strategy.num_replicas_in_sync} replicas; fitting", flush=True)
     config = TrainConfig(task="merged", hidden_dim=8, num_layers=1, batch_size=32, jit_compile=False)
     images, labels = synthetic(512, 47)
-    ds = make_dataset(images, labels, config.batch_size * strategy.num_replicas_in_sync, training=True).repeat()
+    ds = tf_dataset(Batches(images, labels, config.batch_size * strategy.num_replicas_in_sync, training=True)).repeat()
     with strategy.scope():
         model = compile_model(build_model(config, 47), config)
     keras.config.disable_traceback_filtering()  # to name the frame in Keras that fails

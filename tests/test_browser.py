@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from tests.conftest import serving
-from tf_emnist.export import newest_version
+from tf_emnist.sources import newest_version
 
 # The newest shipped int8 TFLite model: ready at once (no XLA to compile).
 SHIPPED = newest_version(os.path.join(os.path.dirname(__file__), "..", "saved_models", "merged-tflite"))

@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import run_cli
 from tf_emnist.config import TrainConfig
 from tf_emnist.distill import CACHE, RECORD
-from tf_emnist.model import distillation_loss_class
+from tf_emnist.layers import DistillationLoss
 from tf_emnist.export import export_model
 from tf_emnist.runs import read_history
 from tf_emnist.training import train
@@ -34,7 +34,7 @@ def test_the_loss_is_cross_entropy_at_alpha_1_and_the_teacher_gap_at_alpha_0():
     student = rng.normal(size=(6, 5)).astype(np.float32)
     labels = rng.integers(0, 5, 6)
     target = np.concatenate([labels[:, None], student], axis=1).astype(np.float32)  # teacher == student
-    loss = distillation_loss_class()
+    loss = DistillationLoss
     plain = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels, student)
     assert float(loss(temperature=2.0, alpha=1.0)(target, student)) == pytest.approx(float(plain), rel=1e-5)
     assert float(loss(temperature=2.0, alpha=0.0)(target, student)) == pytest.approx(0.0, abs=1e-5)
@@ -95,7 +95,7 @@ def test_the_online_teacher_reads_model_inputs_as_the_cached_teacher_reads_image
     task = get_task("merged")
     images, _ = load_split(task, "train", TrainConfig(data_dir=data))
     cached = teacher_logits([export], images[:50], task)
-    online = Teacher([export], task, stored_orientation=False).on_model_input(to_model_input(images[:50]).numpy())
+    online = Teacher([export], task, stored_orientation=False).on_model_input(to_model_input(images[:50]))
     np.testing.assert_allclose(online, cached, atol=1e-4)
 
 

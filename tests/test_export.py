@@ -56,13 +56,13 @@ def test_exports_are_portable_unless_xla_is_asked_for(run_dir, tmp_path):
     from tf_emnist.export import xla_functions
 
     assert xla_functions(export_model(run_dir, str(tmp_path))) == []  # loads where XLA is off (TF Serving)
-    assert xla_functions(export_model(run_dir, str(tmp_path), jit_compile=True))  # opt-in: must-compile functions
+    assert xla_functions(export_model(run_dir, str(tmp_path), require_xla=True))  # opt-in: must-compile functions
 
 
 def test_tfsmlayer_loads_the_export(run_dir, tmp_path):
     import keras
 
-    path = export_model(run_dir, str(tmp_path), jit_compile=False)
+    path = export_model(run_dir, str(tmp_path))
     layer = keras.layers.TFSMLayer(path, call_endpoint="serving_default")
     out = layer(np.zeros((2, 28, 28), np.uint8))
     assert out["logits"].shape == (2, 47)
@@ -83,7 +83,7 @@ def test_versions_count_up_and_are_never_overwritten_without_force(run_dir, tmp_
 
 def test_a_folder_of_versions_means_its_newest_as_in_tensorflow_serving(run_dir, tmp_path):
     from tf_emnist.cli.main import build_parser, config_from_args
-    from tf_emnist.export import newest_version
+    from tf_emnist.sources import newest_version
 
     for version in (2, 10):
         export_model(run_dir, str(tmp_path), version=version)
@@ -115,7 +115,7 @@ def test_exports_are_readable_by_other_users(run_dir, tmp_path):
 
     old = os.umask(0o022)
     try:
-        path = export_model(run_dir, str(tmp_path), jit_compile=False)
+        path = export_model(run_dir, str(tmp_path))
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o755  # not mkdtemp's private 0700
@@ -138,7 +138,7 @@ def other_runs(run_dir, tmp_path_factory):
 def test_export_stores_each_weight_once(run_dir, tmp_path):
     import tensorflow as tf
 
-    path = export_model(run_dir, str(tmp_path), jit_compile=False)
+    path = export_model(run_dir, str(tmp_path))
     model = load_run(run_dir)[0]
     stored = tf.train.list_variables(os.path.join(path, "variables", "variables"))
     stored_values = sum(int(np.prod(shape)) for name, shape in stored if shape)
@@ -153,10 +153,10 @@ def test_ensemble_export_averages_its_models_and_nests(run_dir, other_runs, tmp_
         return serve(images=tf.constant(images))["probabilities"].numpy()
 
     images = np.random.default_rng(2).integers(0, 256, (300, 28, 28), dtype=np.uint8)  # > SPLIT_FROM: two halves
-    singles = [probabilities(export_model(r, str(tmp_path / "single"), jit_compile=False), images)
+    singles = [probabilities(export_model(r, str(tmp_path / "single")), images)
                for r in (run_dir, *other_runs)]
 
-    assert run_cli("export", run_dir, other_runs[0], "--output", tmp_path / "pair", "--no-jit-compile") == 0
+    assert run_cli("export", run_dir, other_runs[0], "--output", tmp_path / "pair", "--no-require-xla") == 0
     pair = str(tmp_path / "pair" / "merged" / "1")
     np.testing.assert_allclose(probabilities(pair, images), (singles[0] + singles[1]) / 2, atol=1e-5)
     members = json.load(open(os.path.join(pair, "assets.extra", "ensemble.json")))["members"]
@@ -165,7 +165,7 @@ def test_ensemble_export_averages_its_models_and_nests(run_dir, other_runs, tmp_
     np.testing.assert_allclose(stored["probabilities"].numpy(), (singles[0] + singles[1]) / 2, atol=1e-5)
 
     # An exported ensemble of two plus a third run: each of the three models counts once.
-    trio = export_model([pair, other_runs[1]], str(tmp_path / "trio"), jit_compile=False)
+    trio = export_model([pair, other_runs[1]], str(tmp_path / "trio"))
     np.testing.assert_allclose(probabilities(trio, images), sum(singles) / 3, atol=1e-5)
     assert len(json.load(open(os.path.join(trio, "assets.extra", "ensemble.json")))["members"]) == 3
 
@@ -197,7 +197,7 @@ def test_unroll_lstms_keeps_the_weights_of_plain_and_bidirectional_lstms():
 
 
 def test_tflite_export_serves_any_batch_like_the_keras_models(run_dir, other_runs, tmp_path, capsys):
-    from tf_emnist.export import load_tflite_signature
+    from tf_emnist.sources import load_tflite_signature
 
     path = export_model(run_dir, str(tmp_path), format="tflite")
     assert path == str(tmp_path / "merged-tflite" / "1")
@@ -236,7 +236,7 @@ def test_tflite_export_serves_any_batch_like_the_keras_models(run_dir, other_run
     assert run_cli("predict", path, tmp_path / "x.npy", "--json", "--top-k", 1) == 0
     assert [r["top"][0]["character"] for r in json.loads(capsys.readouterr().out)] == [
         task.class_names[i] for i in singles[0][:2].argmax(1)]
-    saved = export_model(run_dir, str(tmp_path / "saved"), jit_compile=False)
+    saved = export_model(run_dir, str(tmp_path / "saved"))
     assert run_cli("export", saved, run_dir, "--output", tmp_path, "--format", "tflite") == 2
     assert "is an export; a TFLite export is built from the Keras models" in capsys.readouterr().err
 
@@ -244,20 +244,21 @@ def test_tflite_export_serves_any_batch_like_the_keras_models(run_dir, other_run
 def test_tflite_quantized_exports_shrink_and_stay_close_to_the_float_model(tmp_path, capsys):
     import tensorflow as tf
 
-    from tf_emnist.export import Source, convert_to_tflite, is_tflite_export
+    from tf_emnist.export import convert_to_tflite
     from tf_emnist.model import build_model
+    from tf_emnist.sources import TFLiteSource, source_class
     from tf_emnist.tasks import get_task
 
     # Weights of 1,024 elements or more get quantized: a 2 x 32 model's kernels have them,
     # the module's tiny run's do not.
     task = get_task("merged")
     config = TrainConfig(hidden_dim=32, num_layers=2)
-    source = Source("", task, [config], model=build_model(config, task.num_classes))
-    kernels = sorted((w.shape[1], w.shape[0]) for w in source.model.weights if len(w.shape) == 2)  # TFLite: [out, in]
+    model = build_model(config, task.num_classes)
+    kernels = sorted((w.shape[1], w.shape[0]) for w in model.weights if len(w.shape) == 2)  # TFLite: [out, in]
     images = np.random.default_rng(4).integers(0, 256, (200, 28, 28), dtype=np.uint8)
     blobs, logits = {}, {}
     for quantize, stored in (("none", np.float32), ("dynamic", np.int8), ("float16", np.float16)):
-        blobs[quantize] = convert_to_tflite([source], task.class_names, quantize)
+        blobs[quantize] = convert_to_tflite([(model, config)], task.class_names, quantize)
         interpreter = tf.lite.Interpreter(model_content=blobs[quantize])
         logits[quantize] = interpreter.get_signature_runner("serving_default")(images=images)["logits"]
         shapes = [tuple(t["shape"]) for t in interpreter.get_tensor_details() if t["dtype"] == stored]
@@ -269,14 +270,14 @@ def test_tflite_quantized_exports_shrink_and_stay_close_to_the_float_model(tmp_p
 
     # The CLI writes the quantization beside the model; a SavedModel is not quantized.
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
-        convert_to_tflite([source], task.class_names, "int4")
+        convert_to_tflite([(model, config)], task.class_names, "int4")
     run = tmp_path / "run"  # a run directory: the model and its config
     run.mkdir()
-    source.model.save(run / "model.keras")
+    model.save(run / "model.keras")
     (run / "config.json").write_text(json.dumps(config.to_dict()))
     assert run_cli("export", run, "--output", tmp_path, "--format", "tflite", "--quantize", "dynamic") == 0
     path = capsys.readouterr().out.strip()
-    assert is_tflite_export(path)
+    assert source_class(path) is TFLiteSource
     with open(os.path.join(path, "assets.extra", "export.json")) as f:
         assert json.load(f) == {"format": "tflite", "quantize": "dynamic"}
     assert run_cli("export", run, "--output", tmp_path, "--quantize", "dynamic") == 2

@@ -10,8 +10,9 @@ import tensorflow as tf
 
 from tests.test_train import TINY, run_cli
 from tf_emnist.config import TrainConfig
-from tf_emnist.lstm_kernel import bf16_matmul_pays, bf16_matmul_speedup, kernel_lstm_class, lstm_in_parts
-from tf_emnist.model import build_model, compile_model, custom_objects, kernel_matmul_dtype, use_lstm_kernel
+from tf_emnist.backend import kernel_matmul_dtype, use_lstm_kernel
+from tf_emnist.lstm_kernel import KernelLSTM, bf16_matmul_pays, bf16_matmul_speedup, lstm_in_parts
+from tf_emnist.model import build_model, compile_model, custom_objects
 
 RNG = np.random.default_rng(0)
 X = tf.constant(RNG.random((5, 28, 7), dtype=np.float32))
@@ -30,7 +31,7 @@ def keras_and_ours(matmul_dtype="bfloat16", **options):
     """The same one-layer model (same weights) with keras.layers.LSTM and with the kernel's layer."""
     bidirectional = options.pop("bidirectional", False)
     models = []
-    for layer_class in (keras.layers.LSTM, functools.partial(kernel_lstm_class(), matmul_dtype=matmul_dtype)):
+    for layer_class in (keras.layers.LSTM, functools.partial(KernelLSTM, matmul_dtype=matmul_dtype)):
         layer = layer_class(6, **options)
         layer = keras.layers.Bidirectional(layer) if bidirectional else layer
         models.append(keras.Sequential([keras.Input((28, 7)), layer, keras.layers.Dense(3)]))
@@ -99,14 +100,14 @@ def test_the_layer_falls_back_to_keras_where_the_kernel_does_not_apply():
 
 
 def test_the_kernel_is_the_cpu_default_its_matmuls_in_bfloat16_only_where_that_pays(monkeypatch):
-    monkeypatch.setattr("tf_emnist.model.bf16_matmul_pays", lambda: True)
+    monkeypatch.setattr("tf_emnist.lstm_kernel.bf16_matmul_pays", lambda: True)
     assert use_lstm_kernel(TrainConfig()) and kernel_matmul_dtype(TrainConfig()) == "bfloat16"
     assert not use_lstm_kernel(TrainConfig(jit_compile=False))
     assert not use_lstm_kernel(TrainConfig(mixed_precision=True))
     assert not use_lstm_kernel(TrainConfig(lstm_kernel=False))  # Keras's LSTM, all in XLA
     config = TrainConfig(bf16_gradients=False)
     assert use_lstm_kernel(config) and kernel_matmul_dtype(config) == "float32"
-    monkeypatch.setattr("tf_emnist.model.bf16_matmul_pays", lambda: False)
+    monkeypatch.setattr("tf_emnist.lstm_kernel.bf16_matmul_pays", lambda: False)
     assert use_lstm_kernel(TrainConfig()) and kernel_matmul_dtype(TrainConfig()) == "float32"
     assert not use_lstm_kernel(TrainConfig(jit_compile=False))
     assert use_lstm_kernel(TrainConfig(bf16_gradients=True, jit_compile=False))
@@ -145,7 +146,7 @@ def test_the_model_compiles_outside_xla_and_builds_the_layer():
     config = TrainConfig(hidden_dim=8, num_layers=2, lstm_kernel=True, bf16_gradients=False, jit_compile=True)
     model = compile_model(build_model(config, 3), config)
     assert not model.jit_compile
-    assert all(isinstance(layer, kernel_lstm_class()) and layer.matmul_dtype == "float32" for layer in model.layers[:2])
+    assert all(isinstance(layer, KernelLSTM) and layer.matmul_dtype == "float32" for layer in model.layers[:2])
     plain = TrainConfig(hidden_dim=8, num_layers=2, lstm_kernel=False, jit_compile=True)
     assert compile_model(build_model(plain, 3), plain).jit_compile
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from tf_emnist.config import TrainConfig
-from tf_emnist.model import build_model, compile_model, expected_parameter_count, lever_callbacks, lstm_parameter_count
+from tf_emnist.callbacks import lever_callbacks
+from tf_emnist.model import build_model, compile_model, expected_parameter_count, lstm_parameter_count
 from tf_emnist.tasks import get_task
 
 
@@ -77,21 +78,21 @@ def test_each_lever_compiles_and_trains(change):
 
 
 @pytest.mark.parametrize("schedule", ["constant", "plateau", "cosine"])
-def test_scale_lr_scales_the_rate_with_the_global_batch(schedule):
+def test_scale_lr_scales_the_rate_with_the_batch(schedule):
     from tf_emnist.model import peak_learning_rate
 
-    config = TrainConfig(hidden_dim=8, num_layers=1, batch_size=512, learning_rate=1e-3, scale_lr=True,
+    config = TrainConfig(hidden_dim=8, num_layers=1, batch_size=1024, learning_rate=1e-3, scale_lr=True,
                          lr_schedule=schedule, jit_compile=False)
-    assert peak_learning_rate(config) == pytest.approx(2e-3)
-    assert peak_learning_rate(config, replicas=2) == pytest.approx(4e-3)  # two replicas: a global batch of 1024
-    assert peak_learning_rate(config.replace(scale_lr=False), replicas=2) == pytest.approx(1e-3)
-    model = compile_model(build_model(config, 4), config, steps_per_epoch=2, replicas=2)
+    assert peak_learning_rate(config) == pytest.approx(4e-3)  # the batch, across every device: 4 x 256
+    assert peak_learning_rate(config.replace(batch_size=512)) == pytest.approx(2e-3)
+    assert peak_learning_rate(config.replace(scale_lr=False)) == pytest.approx(1e-3)
+    model = compile_model(build_model(config, 4), config, steps_per_epoch=2)
     x = np.random.default_rng(0).random((32, 28, 28), dtype=np.float32)  # 2 steps of 8, 16 to validate
     seen = []
     record = keras.callbacks.LambdaCallback(
         on_train_batch_begin=lambda batch, logs: seen.append(float(model.optimizer.learning_rate)))
     model.fit(x, np.arange(32) % 4, batch_size=8, epochs=1, verbose=0, validation_split=0.5,
-              callbacks=[*lever_callbacks(config, replicas=2), record])
+              callbacks=[*lever_callbacks(config), record])
     # cosine warms up to the scaled rate over the first epoch; the others start at it
     assert max(seen) == pytest.approx(2e-3 if schedule == "cosine" else 4e-3)
 
@@ -124,16 +125,15 @@ def test_grouped_output_sums_the_probabilities_of_each_group():
 
 
 def test_plateau_halves_the_rate_and_replays_a_resumed_run():
-    from tf_emnist.model import _plateau_class
+    from tf_emnist.callbacks import HalveOnPlateau as plateau
 
-    plateau = _plateau_class()
     fresh = plateau(1e-3)
     for accuracy in (0.5, 0.6, 0.55, 0.58, 0.7):
-        fresh._update(accuracy)
+        fresh.update(accuracy)
     assert fresh.rate == pytest.approx(2.5e-4) and fresh.best == 0.7
     # A run resumed after those epochs starts at the rate the uninterrupted run had.
     resumed = plateau(1e-3, [0.5, 0.6, 0.55, 0.58, 0.7])
     assert (resumed.rate, resumed.best) == (fresh.rate, fresh.best)
     for _ in range(10):
-        resumed._update(0.1)
+        resumed.update(0.1)
     assert resumed.rate == pytest.approx(1e-3 / 32)  # the floor

@@ -97,7 +97,7 @@ def test_blank_and_huge_inputs_fail_fast_with_one_line():
 def test_photos_of_real_test_characters_read_within_five_points_of_scans(real_data_dir):
     from tf_emnist.config import TrainConfig
     from tf_emnist.data import load_split
-    from tf_emnist.export import newest_version
+    from tf_emnist.sources import newest_version
     from tf_emnist.predict import Predictor
     from tf_emnist.tasks import get_task
 

@@ -208,15 +208,17 @@ def test_a_run_records_every_choice_it_made_and_what_ran(nist_dir, tmp_path):
     import keras
     import tensorflow as tf
 
-    from tf_emnist.model import AUTOMATIC
+    from tf_emnist.config import AUTOMATIC
 
     run = tmp_path / "run"
     assert run_cli("train", "--data-dir", nist_dir, "--output", run, "--epochs", 1, "--no-evaluate",
                    "--hidden-dim", 8, "--num-layers", 1, "--batch-size", 32) == 0
     config = json.loads((run / "config.json").read_text())
-    assert all(isinstance(config[name], bool) for name in AUTOMATIC), config  # no null where a choice was made
+    assert all(config[name] is not None for name in AUTOMATIC), config  # no null where a choice was made
+    assert all(isinstance(config[name], bool) for name in AUTOMATIC if name != "backend")
     environment = json.loads((run / "train_state.json").read_text())["environments"][0]
     assert (environment["tensorflow"], environment["keras"]) == (tf.__version__, keras.__version__)
+    assert environment["backend"] == config["backend"] == "tensorflow" and environment["processes"] == 1
     assert environment["cpu"] and environment["python"]
 
 
@@ -229,8 +231,10 @@ def test_same_seed_same_result(nist_dir, tmp_path):
 
 
 def test_mirrored_strategy_over_two_logical_cpus(nist_dir, tmp_path):
-    assert train_module.distribution_strategy("mirrored").num_replicas_in_sync == 2
-    config = TrainConfig(data_dir=nist_dir, epochs=1, hidden_dim=8, num_layers=1, batch_size=16,
+    from tf_emnist.backend import tf_strategy
+
+    assert tf_strategy("mirrored").num_replicas_in_sync == 2
+    config = TrainConfig(data_dir=nist_dir, epochs=1, hidden_dim=8, num_layers=1, batch_size=32,
                          jit_compile=False, strategy="mirrored")
     metrics = train_module.train_and_evaluate(config, str(tmp_path / "run"), verbose=0)
     assert metrics["test_examples"] == 120 and np.isfinite(metrics["test_loss"])
@@ -241,18 +245,21 @@ def test_one_gpu_trains_under_a_one_device_strategy_that_copies_batches_to_it(ni
 
     import tensorflow as tf
 
-    from tf_emnist.data import make_dataset
+    from tf_emnist import backend
+    from tf_emnist.data import Batches
+    from tf_emnist.feeding import tf_dataset
 
     stand_in = tf.config.list_logical_devices("CPU")[1]  # conftest: 2 logical CPUs; the second plays the GPU
-    strategy = train_module.distribution_strategy("default", gpus=[stand_in])
+    strategy = backend.tf_strategy("default", gpus=[stand_in])
     assert isinstance(strategy, tf.distribute.OneDeviceStrategy)
     images, labels = np.zeros((64, 28, 28), np.uint8), np.zeros(64, np.int32)
-    x, _ = next(iter(strategy.experimental_distribute_dataset(make_dataset(images, labels, 16, training=True))))
+    batches = Batches(images, labels, 16, training=True)
+    x, _ = next(iter(strategy.experimental_distribute_dataset(tf_dataset(batches))))
     assert x.device.endswith("CPU:1")
-    assert train_module.distribution_strategy("default", gpus=[]) is tf.distribute.get_strategy()
+    assert backend.tf_strategy("default", gpus=[]) is tf.distribute.get_strategy()
 
-    original = train_module.distribution_strategy
-    monkeypatch.setattr(train_module, "distribution_strategy", lambda name: original(name, gpus=[stand_in]))
+    original = backend.tf_strategy
+    monkeypatch.setattr(backend, "tf_strategy", lambda name: original(name, gpus=[stand_in]))
     config = TrainConfig(data_dir=nist_dir, epochs=2, hidden_dim=8, num_layers=1, batch_size=32, jit_compile=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -389,7 +396,7 @@ def test_preset_best_builds_and_trains_on_fake_data(task, nist_dir, tmp_path):
     best = get_task(task).best
     model, config, _ = load_run(str(run))
     assert config == best.replace(data_dir=config.data_dir, limit_train=40, batch_size=20, epochs=1, jit_compile=False,
-                                  lstm_kernel=False, bf16_gradients=False)  # the choices made, recorded
+                                  lstm_kernel=False, bf16_gradients=False, backend="tensorflow")  # the choices made
     assert config.bidirectional and config.augment > 0 and config.label_smoothing > 0
     # Both learn the 47 ByMerge classes; digit-letter's grouped head has no weights.
     assert model.count_params() == expected_parameter_count(config, 47)
@@ -474,7 +481,7 @@ def test_validation_then_ensemble_evaluation(nist_dir, tmp_path, capsys, monkeyp
 
 def test_test_time_augmentation_is_seeded_and_averages_views(nist_dir, tmp_path, capsys):
     from tf_emnist.data import load_split, random_affine, to_model_input
-    from tf_emnist.evaluate import softmax, predict_logits
+    from tf_emnist.evaluate import predict_logits, softmax
     from tf_emnist.runs import load_run
 
     run = tmp_path / "run"
@@ -488,7 +495,7 @@ def test_test_time_augmentation_is_seeded_and_averages_views(nist_dir, tmp_path,
     # The mean of the plain probabilities and two seeded views, per batch of 64.
     views = [softmax(plain)]
     for view in (1, 2):
-        batches = [random_affine(to_model_input(images[i:i + 64]), 1.0, stateless_seed=[view, i // 64])
+        batches = [random_affine(to_model_input(images[i:i + 64]), 1.0, np.random.default_rng([view, i // 64]))
                    for i in range(0, len(images), 64)]
         views.append(softmax(np.asarray(model.predict(np.concatenate(batches), verbose=0), np.float64)))
     np.testing.assert_allclose(np.exp(tta), np.mean(views, axis=0), atol=1e-5)

@@ -125,10 +125,10 @@ def test_a_failing_trial_does_not_stop_the_search(nist_dir, tmp_path, monkeypatc
 def test_one_gpu_runs_trials_under_its_one_device_strategy(nist_dir, tmp_path, monkeypatch):
     import tensorflow as tf
 
-    from tf_emnist.training import distribution_strategy
+    from tf_emnist.backend import tf_strategy
 
     stand_in = tf.config.list_logical_devices("CPU")[1]  # conftest: 2 logical CPUs; the second plays the GPU
-    monkeypatch.setattr(search_module, "distribution_strategy", lambda name: distribution_strategy(name, gpus=[stand_in]))
+    monkeypatch.setattr(search_module, "tf_strategy", lambda name: tf_strategy(name, gpus=[stand_in]))
     made = []
     make_tuner = search_module.make_tuner
     monkeypatch.setattr(search_module, "make_tuner", lambda *a, **k: made.append(make_tuner(*a, **k)) or made[-1])
@@ -139,7 +139,7 @@ def test_one_gpu_runs_trials_under_its_one_device_strategy(nist_dir, tmp_path, m
     assert made[0].distribution_strategy.extended.worker_devices[0].endswith("CPU:1")
     assert best["hidden_dim"] in range(4, 9)
     # Without a GPU, keras-tuner gets no strategy: TensorFlow's default one.
-    monkeypatch.setattr(search_module, "distribution_strategy", distribution_strategy)
+    monkeypatch.setattr(search_module, "tf_strategy", tf_strategy)
     assert make_tuner("random", made[0].hypermodel, output=str(tmp_path / "t"), project="p", max_trials=1,
                       max_epochs=1, seed=0, overwrite=True).distribution_strategy is None
 

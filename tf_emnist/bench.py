@@ -14,8 +14,9 @@ from tf_emnist.config import TrainConfig
 from tf_emnist.tasks import get_task
 
 FULL_TRAIN = 697_932  # images in ByMerge train: the memory goal's size
-# The PyTorch yardstick: the study's script, looked for in the working tree's sibling shared/ folder.
-DEFAULT_BASELINE = os.path.join("..", "shared", "baselines", "seed_torch_lstm.py")
+# The PyTorch yardstick: the study's model and training loop, shipped beside the benchmarks.
+DEFAULT_BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                                "seed_torch_lstm.py")
 
 
 def cpu_name() -> str:
@@ -31,31 +32,55 @@ def synthetic(n: int, num_classes: int, seed: int = 0):
 
 
 def pipeline_samples_per_s(images, labels, batch_size: int, epochs: int = 2) -> float:
-    """The input pipeline alone, as training runs it (shuffle, gather, transpose, scale)."""
-    from tf_emnist.data import make_dataset
+    """The input pipeline alone, as training feeds it (shuffle, gather, transpose, scale; tf.data on
+    TensorFlow, numpy batches elsewhere)."""
+    from tf_emnist.data import Batches
+    from tf_emnist.feeding import feed
 
-    ds = make_dataset(images, labels, batch_size, training=True)
-    for _ in ds.take(5):  # warm up
+    batches = Batches(images, labels, batch_size, training=True)
+    fed = feed(batches)
+    for _, _ in zip(range(5), fed):  # warm up
         pass
     start = time.perf_counter()
-    for _ in range(epochs):
-        for _ in ds:
+    for epoch in range(epochs):
+        batches.set_epoch(epoch)
+        for _ in fed:
             pass
     return epochs * len(labels) / (time.perf_counter() - start)
 
 
 def training_samples_per_s(config: TrainConfig, images, labels, steps: int, warmup: int = 5) -> float:
-    """Steady-state Keras training (compile + fit, as `train` runs it) after `warmup` steps."""
-    from tf_emnist.data import make_dataset
+    """Steady-state Keras training (compile + fit, as `train` runs it) after `warmup` steps, on the backend
+    this process runs."""
+    from tf_emnist.data import Batches
     from tf_emnist.model import build_model, compile_model
+    from tf_emnist.training import fit_model
 
     task = get_task(config.task)
     model = compile_model(build_model(config, task.num_classes), config, track_batch_loss=True)
-    ds = make_dataset(images, labels, config.batch_size, training=True).repeat()
-    model.fit(ds, steps_per_epoch=warmup, epochs=1, verbose=0, shuffle=False)
+    batches = Batches(images[:warmup * config.batch_size], labels[:warmup * config.batch_size], config.batch_size,
+                      training=True)
+    fit_model(model, config.replace(epochs=1), batches, verbose=0)
+    batches = Batches(images[:steps * config.batch_size], labels[:steps * config.batch_size], config.batch_size,
+                      training=True)
     start = time.perf_counter()
-    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
-    return steps * config.batch_size / (time.perf_counter() - start)
+    fit_model(model, config.replace(epochs=1), batches, verbose=0)
+    return len(batches) * config.batch_size / (time.perf_counter() - start)
+
+
+def backend_training_samples_per_s(backend: str, config: TrainConfig, steps: int) -> float:
+    """training_samples_per_s on another Keras backend, in a process of its own (a process runs one)."""
+    code = ("import json, sys; from tf_emnist.backend import select_backend; select_backend(sys.argv[1])\n"
+            "from tf_emnist.bench import synthetic, training_samples_per_s\n"
+            "from tf_emnist.config import TrainConfig; from tf_emnist.tasks import get_task\n"
+            "config = TrainConfig(**json.loads(sys.argv[2])); steps = int(sys.argv[3])\n"
+            "images, labels = synthetic(max(steps, 40) * config.batch_size, get_task(config.task).num_classes)\n"
+            "print(json.dumps(training_samples_per_s(config, images, labels, steps)))\n")
+    settings = config.replace(backend=backend, jit_compile=None, lstm_kernel=None, bf16_gradients=None).to_dict()
+    run = subprocess.run([sys.executable, "-c", code, backend, json.dumps(settings), str(steps)],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    return float(run.stdout.strip().splitlines()[-1])
 
 
 def alternating_args(description: str, argv=None):
@@ -96,8 +121,10 @@ def inference_figures(config: TrainConfig, images, batch_size: int = 1024, repea
 
     import tensorflow as tf
 
-    from tf_emnist.export import Source, TFLITE_FILE, convert_to_tflite, load_tflite_signature, make_serving_function
+    from tf_emnist.export import convert_to_tflite
     from tf_emnist.model import build_model
+    from tf_emnist.signatures import make_serving_function
+    from tf_emnist.sources import TFLITE_FILE, load_tflite_signature
 
     task = get_task(config.task)
     model = build_model(config, task.num_classes)
@@ -124,12 +151,12 @@ def inference_figures(config: TrainConfig, images, batch_size: int = 1024, repea
         return 1000 * statistics.median(latencies)
 
     figures["keras_predict_samples_per_s"] = best_rate(lambda x: model.predict(x, batch_size=batch_size, verbose=0), floats)
-    servers = {name: make_serving_function(model, task.class_names, config, jit_compile=jit)
-               for name, jit in (("serving_xla", True), ("serving_plain", False))}
+    servers = {name: make_serving_function(model, task.class_names, config, xla=xla)
+               for name, xla in (("serving_xla", True), ("serving_plain", False))}
     for name, quantize in (("tflite", "none"), ("tflite_int8", "dynamic")):
         with tempfile.TemporaryDirectory() as tmp:
             with open(os.path.join(tmp, TFLITE_FILE), "wb") as f:
-                f.write(convert_to_tflite([Source("", task, [config], model=model)], task.class_names, quantize))
+                f.write(convert_to_tflite([(model, config)], task.class_names, quantize))
             servers[name] = load_tflite_signature(tmp)
     for name, serve in servers.items():
         if name.startswith("tflite"):
@@ -221,18 +248,18 @@ def peak_rss_mb() -> float:
 def memory_probe(task: str = "merged", steps: int = 10) -> dict:
     """Peak RSS of a process that trains on a full-size (697,932-image) uint8 train split."""
     code = (
-        "import json, numpy as np\n"
+        "import json\n"
         "from tf_emnist.bench import peak_rss_mb, synthetic\n"
-        "from tf_emnist.config import TrainConfig\n"
-        "from tf_emnist.data import make_dataset, split_validation\n"
+        "from tf_emnist.data import Batches, split_validation\n"
         "from tf_emnist.model import build_model, compile_model\n"
         "from tf_emnist.tasks import get_task\n"
-        f"task = get_task({task!r}); config = task.preset\n"
+        "from tf_emnist.training import fit_model\n"
+        f"task = get_task({task!r}); config = task.preset.replace(epochs=1)\n"
         f"images, labels = synthetic({FULL_TRAIN}, task.num_classes)\n"
         "train_idx, val_idx = split_validation(len(labels), 0.1, 0)\n"
-        "ds = make_dataset(images, labels, 256, training=True, indices=train_idx)\n"
+        f"batches = Batches(images, labels, 256, training=True, indices=train_idx[:{steps} * 256])\n"
         "model = compile_model(build_model(config, task.num_classes), config, track_batch_loss=True)\n"
-        f"model.fit(ds.take({steps}), verbose=0)\n"
+        "fit_model(model, config, batches, verbose=0)\n"
         "print(json.dumps({'peak_rss_mb': peak_rss_mb()}))\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -242,56 +269,87 @@ def memory_probe(task: str = "merged", steps: int = 10) -> dict:
 
 def run_benchmark(tasks=("digit-letter", "merged"), *, steps: int = 30, rounds: int = 2,
                   baseline: str = DEFAULT_BASELINE, memory: bool = True, jit_compile: bool | None = None,
-                  bf16_gradients: bool | None = None, lstm_kernel: bool | None = None) -> dict:
-    """All figures for each preset; Keras and PyTorch alternate `rounds` times and the medians are kept."""
+                  bf16_gradients: bool | None = None, lstm_kernel: bool | None = None,
+                  backends: tuple[str, ...] = ("tensorflow",)) -> dict:
+    """All figures for each preset: training alternates `rounds` times between TensorFlow (this process), the
+    other `backends` (a process each) and PyTorch, and the medians are kept; then the serving figures."""
     import tensorflow as tf
 
-    from tf_emnist.model import describe_lstm_training, use_lstm_kernel
+    from tf_emnist.backend import describe_lstm_training
 
     results = {"cpu": cpu_name(), "tensorflow": tf.__version__, "gpus": len(tf.config.list_logical_devices("GPU")),
-               "steps": steps, "rounds": rounds, "tasks": {}}
+               "steps": steps, "rounds": rounds, "backends": list(backends), "tasks": {}}
     for name in tasks:
-        task = get_task(name)
-        config = task.preset.replace(jit_compile=jit_compile, bf16_gradients=bf16_gradients, lstm_kernel=lstm_kernel)
+        config = get_task(name).preset.replace(jit_compile=jit_compile, bf16_gradients=bf16_gradients,
+                                               lstm_kernel=lstm_kernel)
         results["lstm_training"] = describe_lstm_training(config)
-        kernel = use_lstm_kernel(config)
-        images, labels = synthetic(max(steps, 40) * config.batch_size, task.num_classes)
-        keras_rates, xla_rates, torch_runs = [], [], []
-        for _ in range(rounds):
-            keras_rates.append(training_samples_per_s(config, images, labels, steps))
-            torch_run = torch_figures(baseline, name, steps) if os.path.exists(baseline) else None
-            if torch_run:
-                torch_runs.append(torch_run)
-            if kernel:  # Keras's own LSTM, all in XLA, for the kernel's speed-up
-                xla_rates.append(training_samples_per_s(config.replace(lstm_kernel=False, bf16_gradients=None),
-                                                        images, labels, steps))
-        row = {
-            "pipeline_samples_per_s": pipeline_samples_per_s(images, labels, config.batch_size),
-            "train_samples_per_s": statistics.median(keras_rates),
-            **inference_figures(config, images[:10240]),
-        }
-        if xla_rates:
-            row["train_xla_float32_samples_per_s"] = statistics.median(xla_rates)
-            row["lstm_kernel_over_xla"] = row["train_samples_per_s"] / row["train_xla_float32_samples_per_s"]
-        if torch_runs:
-            row["torch_train_samples_per_s"] = statistics.median(r["train_samples_per_s"] for r in torch_runs)
-            row["torch_infer_samples_per_s"] = statistics.median(r["infer_samples_per_s"] for r in torch_runs)
-            row["torch_latency_ms"] = statistics.median(r["latency_ms"] for r in torch_runs)
-            if all("int8_infer_samples_per_s" in r for r in torch_runs):
-                row["torch_int8_infer_samples_per_s"] = statistics.median(r["int8_infer_samples_per_s"] for r in torch_runs)
-                row["torch_int8_latency_ms"] = statistics.median(r["int8_latency_ms"] for r in torch_runs)
-                row["int8_ratio"] = row["tflite_int8_samples_per_s"] / row["torch_int8_infer_samples_per_s"]
-            row["train_ratio"] = row["train_samples_per_s"] / row["torch_train_samples_per_s"]
-            row["serving_ratio"] = row["serving_xla_samples_per_s"] / row["torch_infer_samples_per_s"]
-            row["predict_ratio"] = row["keras_predict_samples_per_s"] / row["torch_infer_samples_per_s"]
-            row["tflite_ratio"] = row["tflite_samples_per_s"] / row["torch_infer_samples_per_s"]
-            row["tflite_int8_ratio"] = row["tflite_int8_samples_per_s"] / row["torch_infer_samples_per_s"]
-        row["pipeline_over_training"] = row["pipeline_samples_per_s"] / row["train_samples_per_s"]
-        results["tasks"][name] = row
+        results["tasks"][name] = task_figures(config, steps, rounds, baseline, backends)
     if memory:
         results["full_train_peak_rss_mb"] = memory_probe()["peak_rss_mb"]
     results["process_peak_rss_mb"] = peak_rss_mb()
     return results
+
+
+def training_measures(config: TrainConfig, steps: int, baseline: str, backends) -> dict:
+    """name -> a function that measures one round of training: samples/s, or PyTorch's figures (a dict)."""
+    from tf_emnist.backend import use_lstm_kernel
+
+    images, labels = synthetic(max(steps, 40) * config.batch_size, get_task(config.task).num_classes)
+    measures = {"train": lambda: training_samples_per_s(config, images, labels, steps)}
+    if use_lstm_kernel(config):  # Keras's own LSTM, all in XLA, for the kernel's speed-up
+        plain = config.replace(lstm_kernel=False, bf16_gradients=None)
+        measures["train_xla_float32"] = lambda: training_samples_per_s(plain, images, labels, steps)
+    for backend in backends:
+        if backend != "tensorflow":
+            measures[f"{backend}_train"] = lambda backend=backend: backend_training_samples_per_s(backend, config, steps)
+    if os.path.exists(baseline):
+        measures["torch"] = lambda: torch_figures(baseline, config.task, steps)
+    return measures
+
+
+def task_figures(config: TrainConfig, steps: int, rounds: int, baseline: str, backends) -> dict:
+    """One preset's row: training (medians of the alternated rounds), the pipeline, serving, and the ratios."""
+    measures = training_measures(config, steps, baseline, backends)
+    runs = {name: [] for name in measures}
+    for _ in range(rounds):
+        for name, measure in measures.items():
+            figure = measure()
+            if figure is not None:
+                runs[name].append(figure)
+    images, labels = synthetic(max(steps, 40) * config.batch_size, get_task(config.task).num_classes)
+    row = {f"{name}_samples_per_s": statistics.median(rates) for name, rates in runs.items() if name != "torch"}
+    row["pipeline_samples_per_s"] = pipeline_samples_per_s(images, labels, config.batch_size)
+    row.update(inference_figures(config, images[:10240]))
+    if "train_xla_float32_samples_per_s" in row:
+        row["lstm_kernel_over_xla"] = row["train_samples_per_s"] / row["train_xla_float32_samples_per_s"]
+    for backend in backends:
+        if f"{backend}_train_samples_per_s" in row:
+            row[f"{backend}_over_tensorflow"] = row[f"{backend}_train_samples_per_s"] / row["train_samples_per_s"]
+    if runs.get("torch"):
+        row.update(torch_rows(row, runs["torch"], backends))
+    row["pipeline_over_training"] = row["pipeline_samples_per_s"] / row["train_samples_per_s"]
+    return row
+
+
+def torch_rows(row: dict, torch_runs: list[dict], backends) -> dict:
+    """The PyTorch yardstick's medians, and every figure of `row` over its counterpart."""
+    def median(key):
+        return statistics.median(r[key] for r in torch_runs)
+
+    torch = {"torch_train_samples_per_s": median("train_samples_per_s"),
+             "torch_infer_samples_per_s": median("infer_samples_per_s"), "torch_latency_ms": median("latency_ms")}
+    if all("int8_infer_samples_per_s" in r for r in torch_runs):
+        torch.update(torch_int8_infer_samples_per_s=median("int8_infer_samples_per_s"),
+                     torch_int8_latency_ms=median("int8_latency_ms"))
+        torch["int8_ratio"] = row["tflite_int8_samples_per_s"] / torch["torch_int8_infer_samples_per_s"]
+    torch["train_ratio"] = row["train_samples_per_s"] / torch["torch_train_samples_per_s"]
+    for backend in backends:
+        if f"{backend}_train_samples_per_s" in row:
+            torch[f"{backend}_train_ratio"] = row[f"{backend}_train_samples_per_s"] / torch["torch_train_samples_per_s"]
+    for name, key in (("serving", "serving_xla"), ("predict", "keras_predict"), ("tflite", "tflite"),
+                      ("tflite_int8", "tflite_int8")):
+        torch[f"{name}_ratio"] = row[f"{key}_samples_per_s"] / torch["torch_infer_samples_per_s"]
+    return torch
 
 
 def format_table(results: dict) -> str:

@@ -9,6 +9,7 @@ from tf_emnist.files import read_json_object
 
 
 LR_SCHEDULES = ("constant", "cosine", "plateau")
+BACKENDS = ("tensorflow", "jax")
 
 
 def _field(default, help: str, *, hyper: bool = False):
@@ -30,7 +31,7 @@ class TrainConfig:
     num_layers: int = _field(3, "stacked LSTM layers", hyper=True)
     dropout: float = _field(0.2, "dropout rate on the last LSTM output", hyper=True)
     learning_rate: float = _field(1e-3, "Adam(W) learning rate", hyper=True)
-    batch_size: int = _field(256, "batch size of one replica (the global batch is this x replicas)", hyper=True)
+    batch_size: int = _field(256, "batch size: images a training step reads, across every device and process", hyper=True)
     epochs: int = _field(7, "training epochs", hyper=True)
     seed: int = _field(0, "seed for weights, shuffling, augmentation and dropout (and the validation "
                           "carve-out, unless --validation-seed)")
@@ -75,9 +76,12 @@ class TrainConfig:
     limit_test: int | None = _field(None, "evaluate on the first N test images only (quick runs)")
     upright: bool = _field(True, "transpose the stored images so the time steps are the upright rows")
     # -- execution
+    backend: str | None = _field(None, "Keras backend to train on: tensorflow or jax (default: KERAS_BACKEND, else "
+                                       "tensorflow; a resumed run keeps its own)")
     log_every: int = _field(1000, "print and record the batch loss every N steps")
     deterministic: bool = _field(False, "enable TensorFlow op determinism (slower; bit-exact reruns)")
-    jit_compile: bool | None = _field(None, "compile the train step with XLA (default: on a CPU, off on a GPU, where cuDNN is faster)")
+    jit_compile: bool | None = _field(None, "compile the train step with XLA (default: on JAX always; on TensorFlow on a "
+                                            "CPU, not on a GPU, where cuDNN is faster)")
     lstm_kernel: bool | None = _field(
         None, "train the LSTMs with tf-emnist's kernel: each half of the batch as its own LSTM, side by side, "
               "the recurrences in XLA, the large matmuls over all 28 steps through oneDNN; inference and the "
@@ -138,6 +142,8 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 0 (numpy seeds are non-negative)")
         if self.bf16_gradients and self.lstm_kernel is False:
             problems.append("bf16_gradients needs the LSTM kernel (drop --no-lstm-kernel or --bf16-gradients)")
+        if self.backend is not None and self.backend not in BACKENDS:
+            problems.append(f"backend must be one of {', '.join(BACKENDS)}")
         if self.strategy not in ("default", "mirrored"):
             problems.append("strategy must be 'default' or 'mirrored'")
         if problems:
@@ -156,6 +162,8 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# Settings left to the machine when unset (None): a run records what was chosen, and a resume keeps it.
+AUTOMATIC = ("backend", "jit_compile", "lstm_kernel", "bf16_gradients")
 HYPERPARAMETERS = tuple(name for name, f in FIELDS.items() if f.metadata["hyper"])
 
 

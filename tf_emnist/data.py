@@ -1,7 +1,6 @@
-"""EMNIST splits from tensorflow-datasets or NIST files, and the tf.data input pipeline."""
+"""EMNIST splits from tensorflow-datasets or NIST files, and the batches a model reads (numpy, any backend)."""
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
@@ -20,6 +19,7 @@ log = logging.getLogger("tf_emnist")
 EMNIST_URL = "https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip"  # tfds's source
 
 
+TTA_STRENGTH = 0.5  # test-time augmentation's views: half the training augmentation's transforms
 EMNIST_BUILDER_VERSION = (3, 1, 0)  # the first tfds EMNIST builder with NIST's current URL (tfds #5356)
 
 
@@ -134,135 +134,131 @@ def split_validation(num_examples: int, fraction: float, seed: int) -> tuple[np.
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def random_affine(images, strength: float, seed: int | None = None, *, stateless_seed=None):
-    """Random rotation, shift, scale and shear of float images [B, 28, 28], one per image.
+def to_model_input(images: np.ndarray, upright: bool = True) -> np.ndarray:
+    """uint8 images as stored [B, 28, 28] -> float32 in [0, 1], rows as time steps."""
+    images = np.asarray(images)
+    if upright:  # NIST and tfds store EMNIST transposed: the upright rows are stored columns
+        images = images.transpose(0, 2, 1)
+    return images.astype(np.float32) / 255.0
 
-    strength 1 means up to +-10 degrees, +-10% shift, +-10% scale and +-0.1 shear.
-    `stateless_seed` (an int64 pair) draws the same transforms on every call, whatever the
-    order batches arrive in: test-time augmentation's views are reproducible.
+
+def random_transforms(n: int, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """n random affine maps [n, 6] (see affine_transform) of rotation, shift, scale and shear.
+
+    strength 1 means up to +-10 degrees, +-10% shift, +-10% scale and +-0.1 shear, about the centre.
     """
-    import tensorflow as tf
-
-    n = tf.shape(images)[0]
-    draws = itertools.count()
-
-    def uniform(limit):
-        if stateless_seed is None:
-            return tf.random.uniform([n], -limit, limit, seed=seed)
-        pair = tf.cast(stateless_seed, tf.int64) + tf.constant([0, 1 << 20], tf.int64) * next(draws)
-        return tf.random.stateless_uniform([n], pair, -limit, limit)
-
-    angle = uniform(strength * math.radians(10))
-    scale = 1.0 + uniform(strength * 0.1)
-    shear = uniform(strength * 0.1)
-    shift_x, shift_y = uniform(strength * 2.8), uniform(strength * 2.8)
-    cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
-    # Output pixel (x, y) samples input (a0 x + a1 y + a2, b0 x + b1 y + b2), about the centre.
+    angle, scale, shear, shift_x, shift_y = (rng.uniform(-limit, limit, n) for limit in (
+        strength * math.radians(10), strength * 0.1, strength * 0.1, strength * 2.8, strength * 2.8))
+    cos, sin = np.cos(angle) / (1.0 + scale), np.sin(angle) / (1.0 + scale)
+    # Output pixel (x, y) samples input (a0 x + a1 y + a2, b0 x + b1 y + b2), about the centre c.
     a0, a1, b0, b1 = cos, -sin + shear, sin, cos
     c = 13.5
-    a2 = c - a0 * c - a1 * c + shift_x
-    b2 = c - b0 * c - b1 * c + shift_y
-    zeros = tf.zeros_like(a0)
-    transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
-    out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=images[..., None], transforms=transforms, output_shape=[28, 28],
-        interpolation="BILINEAR", fill_mode="CONSTANT", fill_value=0.0,
-    )
-    return out[..., 0]
+    return np.stack([a0, a1, c - a0 * c - a1 * c + shift_x, b0, b1, c - b0 * c - b1 * c + shift_y], axis=1)
 
 
-def to_model_input(images, upright: bool = True):
-    """uint8 images as stored [B, 28, 28] -> float32 in [0, 1], rows as time steps."""
-    import tensorflow as tf
-
-    if upright:  # NIST and tfds store EMNIST transposed: the upright rows are stored columns
-        images = tf.transpose(images, [0, 2, 1])
-    return tf.cast(images, tf.float32) / 255.0
+_ROWS, _COLS = (grid.ravel().astype(np.float32) for grid in np.mgrid[0:28, 0:28])
 
 
-class EpochClock:
-    """Which epoch a training dataset draws its permutation for.
+def affine_transform(images: np.ndarray, transforms: np.ndarray) -> np.ndarray:
+    """Float images [B, 28, 28], each resampled bilinearly through its map [a0, a1, a2, b0, b1, b2]: output
+    pixel (x, y) (column, row) reads input (a0 x + a1 y + a2, b0 x + b1 y + b2); outside the image is 0.
 
-    Training sets `epoch` at each epoch's start (a Keras callback), so a resumed run draws
-    the same permutation for an epoch as the uninterrupted run did. Left unset, each new
-    iterator counts as the next epoch.
+    The same sampling as TensorFlow's ImageProjectiveTransformV3 (bilinear, constant fill 0).
+    """
+    n = len(images)
+    a0, a1, a2, b0, b1, b2 = (t[:, None].astype(np.float32) for t in np.asarray(transforms).T)
+    x, y = a0 * _COLS + a1 * _ROWS + a2, b0 * _COLS + b1 * _ROWS + b2  # [B, 784] input coordinates
+    x0, y0 = np.floor(x), np.floor(y)
+    fx, fy = x - x0, y - y0
+    x0, y0 = x0.astype(np.int32), y0.astype(np.int32)
+    flat = np.asarray(images, np.float32).reshape(n, 28 * 28)
+    out = np.zeros_like(flat)
+    for dy, dx, weight in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+        row, col = y0 + dy, x0 + dx
+        inside = (row >= 0) & (row < 28) & (col >= 0) & (col < 28)
+        pixels = np.take_along_axis(flat, np.where(inside, row * 28 + col, 0), axis=1)
+        out += np.where(inside, weight * pixels, 0.0)
+    return out.reshape(n, 28, 28)
+
+
+def random_affine(images: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Float images [B, 28, 28], each randomly rotated, shifted, scaled and sheared (random_transforms)."""
+    return affine_transform(images, random_transforms(len(images), strength, rng))
+
+
+class Batches:
+    """Batches of uint8 images held in memory once, as a model reads them; numpy, so any backend feeds them.
+
+    `images` (uint8 [N, 28, 28] as stored, shared by the train and validation batches) is
+    the cache: 522 MiB for all of ByMerge train, a quarter of float32. Each batch gathers
+    its `indices` (default: all) from the array, in order, or with `training` in a
+    permutation seeded by (seed, epoch), so a resumed run draws the epoch's order the
+    uninterrupted run drew (`set_epoch`; tf_emnist.callbacks.SetEpoch calls it). Then the
+    rows turn upright, scale to [0, 1] and, with `augment`, transform at random, seeded by
+    (seed, epoch, step) when training, or by (view, step) for test-time augmentation's
+    seeded `view`s.
+
+    Several devices and processes: each batch is cut to a multiple of `multiple` (the
+    devices; the last batch of an epoch drops at most multiple - 1 images), and `shard`
+    (index, count) keeps this process's part of it.
+
+    Targets: the labels, or with `soft_targets` (float16 or float32 [N, classes], a
+    teacher's logits for each image) [label, its teacher's logits...] (`tf_emnist.distill`);
+    with `teacher` (a `tf_emnist.distill.Teacher`), the same, the teacher reading each
+    batch as the model does, augmented.
     """
 
-    def __init__(self):
-        self.epoch: int | None = None
-        self._next = 0
-
-    def draw(self) -> int:
-        if self.epoch is not None:
-            return self.epoch
-        self._next += 1
-        return self._next - 1
-
-
-def _shuffled_batches(order: np.ndarray, batch_size: int, seed: int, clock: EpochClock | None = None):
-    """Batches of `order`, in a permutation seeded by (seed, epoch) each epoch (each new iterator).
-
-    The permutation is drawn in numpy: tf.data's shuffle buffer would hold one tensor per
-    index, 141 MB of overhead for the ByMerge train split, against 5 MB here.
-    """
-    import tensorflow as tf
-
-    clock = clock or EpochClock()
-    permutation = tf.data.Dataset.from_tensors(0).map(lambda _: tf.ensure_shape(tf.numpy_function(
-        lambda: np.random.default_rng([seed, clock.draw()]).permutation(order), [], tf.int64, stateful=True),
-        [len(order)]))
-    batches = permutation.flat_map(lambda p: tf.data.Dataset.from_tensor_slices(p).batch(batch_size))
-    return batches.apply(tf.data.experimental.assert_cardinality(math.ceil(len(order) / batch_size)))
-
-
-def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, training: bool,
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, training: bool = False,
                  indices: np.ndarray | None = None, seed: int = 0, upright: bool = True, augment: float = 0.0,
-                 clock: EpochClock | None = None, soft_targets: np.ndarray | None = None, teacher=None):
-    """A batched tf.data pipeline over uint8 images held in memory once.
+                 view: int | None = None, soft_targets: np.ndarray | None = None, teacher=None,
+                 multiple: int = 1, shard: tuple[int, int] = (0, 1)):
+        self.images, self.labels = np.asarray(images, np.uint8), np.asarray(labels, np.int32)
+        self.order = np.arange(len(self.images)) if indices is None else np.asarray(indices, np.int64)
+        self.batch_size, self.training, self.seed, self.upright = batch_size, training, seed, upright
+        self.augment = augment if (training or view is not None) else 0.0
+        self.view, self.soft_targets, self.teacher = view, soft_targets, teacher
+        self.multiple, self.shard = multiple, shard
+        full, rest = divmod(len(self.order), batch_size)
+        self.steps = full + (rest >= multiple)
+        self.epoch = None
+        self.set_epoch(0)
 
-    `images` (uint8 [N, 28, 28], shared by the train and validation datasets) is the cache:
-    522 MiB for all of ByMerge train, a quarter of float32. The pipeline shuffles `indices`
-    (default: all; reshuffled every epoch, seeded by seed and the `clock`'s epoch) and gathers each batch from the numpy
-    array, so neither the shuffle buffer nor the graph holds a copy of the images (a
-    captured tensor is copied per iterator: +0.5 GiB each). Scaling, the transpose and
-    (training only) augmentation run per batch after the gather; batches are prefetched.
-    Training's tf.distribute strategy copies them to the GPUs ahead of each step
-    (`tf_emnist.training.distribution_strategy`). With `soft_targets` (float16 or float32 [N, classes], a
-    teacher's logits for each image), a batch's targets are [label, its teacher's logits...]
-    (`tf_emnist.distill`); with `teacher` (a `tf_emnist.distill.Teacher`), the same, the teacher
-    reading each batch as the model does, augmented.
-    """
-    import tensorflow as tf
+    def __len__(self) -> int:
+        return self.steps
 
-    images = np.asarray(images, np.uint8)
-    labels_t = tf.constant(labels, tf.int32)
-    order = np.arange(len(images), dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
-    if training:
-        ds = _shuffled_batches(order, batch_size, seed, clock)
-    else:
-        ds = tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+    @property
+    def classes(self) -> int | None:
+        """The teacher's classes in the targets, None without one."""
+        if self.teacher is not None:
+            return self.teacher.classes
+        return None if self.soft_targets is None else self.soft_targets.shape[1]
 
-    def load_batch(index):
-        batch = tf.numpy_function(lambda i: images[i], [index], tf.uint8, stateful=False)
-        x = to_model_input(tf.ensure_shape(batch, [None, 28, 28]), upright)
-        if training and augment > 0:
-            x = random_affine(x, augment, seed=seed)
-        y = tf.gather(labels_t, index)
-        if soft_targets is not None or teacher is not None:
-            if teacher is None:  # the cache stays float16; a batch's rows become float32
-                soft = tf.numpy_function(lambda i: soft_targets[i].astype(np.float32), [index], tf.float32,
-                                         stateful=False)
-            else:
-                soft = tf.numpy_function(teacher.on_model_input, [x], tf.float32, stateful=False)
-            classes = soft_targets.shape[1] if teacher is None else teacher.classes
-            y = tf.concat([tf.cast(y, tf.float32)[:, None], tf.ensure_shape(soft, [None, classes])], 1)
+    def set_epoch(self, epoch: int) -> None:
+        """Draw epoch's permutation (training); idempotent."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.permutation = (np.random.default_rng([self.seed, epoch]).permutation(self.order) if self.training
+                                else self.order)
+
+    def indices(self, step: int) -> np.ndarray:
+        """The image indices of this process's part of batch `step`."""
+        batch = self.permutation[step * self.batch_size: (step + 1) * self.batch_size]
+        batch = batch[:len(batch) - len(batch) % self.multiple]
+        index, count = self.shard
+        return batch[index * len(batch) // count: (index + 1) * len(batch) // count]
+
+    def __getitem__(self, step: int):
+        """(model input float32 [b, 28, 28], targets) of batch `step`."""
+        if not 0 <= step < self.steps:
+            raise IndexError(f"batch {step} of {self.steps}")
+        index = self.indices(step)
+        x = to_model_input(self.images[index], self.upright)
+        if self.augment > 0:
+            seeds = [self.seed, self.epoch, step] if self.view is None else [self.view, step]
+            x = random_affine(x, self.augment, np.random.default_rng(seeds))
+        y = self.labels[index]
+        if self.teacher is not None:
+            y = np.concatenate([y[:, None].astype(np.float32), self.teacher.on_model_input(x)], axis=1)
+        elif self.soft_targets is not None:  # the cache stays float16; a batch's rows become float32
+            y = np.concatenate([y[:, None].astype(np.float32), self.soft_targets[index].astype(np.float32)], axis=1)
         return x, y
-
-    # With the autotuner off, AUTOTUNE means one call per CPU core (at most 16) and the
-    # prefetch buffer still grows on demand. The autotuner re-plans on a timer (10 ms,
-    # doubling), and under Keras fit an epoch that ends between two of its rounds waited
-    # for the next: epochs took up to 1.7x as long (docs/performance.md).
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    ds = ds.map(load_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).with_options(options)
-    return ds.prefetch(tf.data.AUTOTUNE)

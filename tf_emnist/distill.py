@@ -9,7 +9,7 @@ batch carries [label, teacher logits...] as its target, and the loss is
     alpha * cross-entropy(label, student) + (1 - alpha) * T^2 * KL(teacher_T || student_T),
 
 where x_T is softmax(logits / T) (Hinton et al., 2015); the loss is
-`tf_emnist.model.distillation_loss_class`.
+`tf_emnist.layers.DistillationLoss`.
 """
 from __future__ import annotations
 
@@ -33,27 +33,25 @@ def teacher_sources(config) -> list[str]:
 
 def check_teacher(config, task) -> None:
     """A one-line ValueError, before anything is written, for a teacher that is missing or of another task."""
-    from tf_emnist.export import EXTRA, is_export
+    from tf_emnist.sources import read_task
 
     for path in teacher_sources(config):
-        settings = os.path.join(path, EXTRA if is_export(path) else "", "config.json")
-        if not os.path.isfile(settings):
+        taught = read_task(path)
+        if taught is None:
             raise ValueError(f"the teacher {path} is neither a tf-emnist run nor an export; "
                              "give run directories or exports from `tf-emnist export`")
-        taught = read_json(settings).get("task")
         if taught != task.name:
             raise ValueError(f"the teacher {path} is a {taught} model; the student learns {task.name}")
 
 
 def teacher_record(sources: list[str], num_images: int) -> dict:
     """What identifies a teacher: its sources and the sha256 of each model file in them."""
+    from tf_emnist.sources import model_files
+
     digests = {}
     for source in sources:
-        for folder, _, files in sorted(os.walk(source)):
-            for name in sorted(files):
-                if name in ("saved_model.pb", "model.tflite", "model.keras") or ".data-" in name:
-                    path = os.path.join(folder, name)
-                    digests[os.path.relpath(path, source) if len(sources) == 1 else path] = sha256_file(path)
+        for path in model_files(source):
+            digests[os.path.relpath(path, source) if len(sources) == 1 else path] = sha256_file(path)
     if not digests:
         raise ValueError(f"--teacher {','.join(sources)} holds no model (model.keras, saved_model.pb or "
                          "model.tflite); give run directories or exports")
@@ -62,30 +60,29 @@ def teacher_record(sources: list[str], num_images: int) -> dict:
 
 class Teacher:
     """The teacher's models, loaded: `logits(images)` on uint8 [N, 28, 28] images is the log of its
-    members' mean probability (each model counted once), float64 [N, classes]."""
+    members' mean probability (each model counted once), float64 [N, classes].
+
+    A run directory's model runs on the backend this process runs; an export needs TensorFlow.
+    """
 
     def __init__(self, sources: list[str], task, stored_orientation: bool = True):
-        from tf_emnist.export import load_source
+        from tf_emnist.sources import load_source
 
-        self.functions, self.weights = [], []
-        for path in sources:
-            source = load_source(path)
-            if source.task.name != task.name:
-                raise ValueError(f"the teacher {path} is a {source.task.name} model; the student learns {task.name}")
-            self.functions.append(source.serving_function(stored_orientation=stored_orientation))
-            self.weights.append(len(source.configs))
+        self.source = load_source(sources)
+        if self.source.task.name != task.name:
+            raise ValueError(f"the teacher {self.source.path} is a {self.source.task.name} model; the student "
+                             f"learns {task.name}")
+        self.stored_orientation = stored_orientation
         self.classes = task.num_classes
-        self._lock = threading.Lock()  # a TFLite interpreter serves one call at a time
+        self._lock = threading.Lock()  # the batches' worker threads share one model
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        from tf_emnist.evaluate import ensemble_logits, serve_logits
-
         with self._lock:
-            return ensemble_logits([serve_logits(f, images) for f in self.functions], self.weights)
+            return self.source.logits(images, stored_orientation=self.stored_orientation)
 
     def on_model_input(self, x: np.ndarray) -> np.ndarray:
         """float32 logits of model inputs (float [B, 28, 28] in [0, 1], augmented or not), read as uint8
-        images again; for `tf_emnist.data.make_dataset`'s online teacher."""
+        images again; for `tf_emnist.data.Batches`'s online teacher."""
         images = np.clip(np.rint(np.asarray(x) * 255.0), 0, 255).astype(np.uint8)
         return self.logits(images).astype(np.float32)
 
@@ -96,16 +93,21 @@ def teacher_logits(sources: list[str], images: np.ndarray, task) -> np.ndarray:
     return Teacher(sources, task).logits(images)
 
 
-def online_teacher(run_dir: str, config, num_images: int, task) -> Teacher:
+def online_teacher(run_dir: str, config, num_images: int, task, writes: bool = True) -> Teacher:
     """The teacher for reading augmented batches in the model's orientation; recorded in run_dir."""
     sources = teacher_sources(config)
-    write_json(os.path.join(run_dir, RECORD), {**teacher_record(sources, num_images), "online": True})
+    if writes:
+        write_json(os.path.join(run_dir, RECORD), {**teacher_record(sources, num_images), "online": True})
     return Teacher(sources, task, stored_orientation=not config.upright)
 
 
-def cached_teacher_logits(run_dir: str, config, images: np.ndarray, task) -> np.ndarray:
+def cached_teacher_logits(run_dir: str, config, images: np.ndarray, task, writes: bool = True) -> np.ndarray:
     """The teacher's logits on `images`, from run_dir's cache when it holds this teacher's, else computed
-    and cached (float16 [N, classes])."""
+    (and cached, by the process that writes the run: float16 [N, classes]).
+
+    A cache read back needs no model: a run whose teacher is an export resumes on a backend
+    without TensorFlow once the cache is made.
+    """
     sources = teacher_sources(config)
     record = teacher_record(sources, len(images))
     cache, record_path = os.path.join(run_dir, CACHE), os.path.join(run_dir, RECORD)
@@ -114,7 +116,8 @@ def cached_teacher_logits(run_dir: str, config, images: np.ndarray, task) -> np.
     if os.path.exists(record_path):
         log.warning("the teacher's files changed since this run began; its outputs are computed again")
     logits = teacher_logits(sources, images, task).astype(np.float16)
-    with atomic_path(cache) as tmp:
-        np.save(tmp, logits)
-    write_json(record_path, record)
+    if writes:
+        with atomic_path(cache) as tmp:
+            np.save(tmp, logits)
+        write_json(record_path, record)
     return logits

@@ -6,42 +6,16 @@ import os
 
 import numpy as np
 
+from tf_emnist.data import TTA_STRENGTH
 from tf_emnist.files import read_json, save_figure, write_json
+from tf_emnist.runs import STATE
+from tf_emnist.sources import ensemble_logits, predict_logits, softmax
 from tf_emnist.tasks import Task
 
 log = logging.getLogger("tf_emnist")
 
-TTA_STRENGTH = 0.5  # test-time augmentation's copies: half the training augmentation's transforms
-
-
-def predict_logits(model, images: np.ndarray, upright: bool = True, batch_size: int = 1024, *,
-                   tta: int = 1, tta_strength: float = TTA_STRENGTH) -> np.ndarray:
-    """Logits [N, classes] for uint8 images as stored, through the same input transform as training.
-
-    tta > 1 (test-time augmentation): the log of the mean probability over the images and
-    tta - 1 randomly transformed copies (random_affine at `tta_strength`). The copies are
-    seeded per view and batch, so a rerun sees the same views.
-    """
-    import tensorflow as tf
-
-    from tf_emnist.data import make_dataset, random_affine
-
-    if tta < 1:
-        raise ValueError(f"tta must be >= 1 (the number of views, the image itself included), got {tta}")
-    ds = make_dataset(images, np.zeros(len(images), np.int32), batch_size, training=False, upright=upright)
-    ds = ds.map(lambda x, y: x)
-    logits = np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
-    if tta == 1:
-        return logits
-    probabilities = softmax(logits)
-    for view in range(1, tta):
-        def transform(batch_index, x, view=view):
-            seed = tf.stack([tf.constant(view, tf.int64), batch_index])
-            return random_affine(x, tta_strength, stateless_seed=seed)
-
-        views = ds.enumerate().map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        probabilities += softmax(np.asarray(model.predict(views, verbose=0), dtype=np.float64))
-    return np.log(probabilities / tta)
+__all__ = ["TTA_STRENGTH", "compute_metrics", "ensemble_logits", "evaluate_run", "evaluate_runs", "predict_logits",
+           "softmax"]
 
 
 def compute_metrics(task: Task, logits: np.ndarray, labels: np.ndarray, split: str = "test") -> dict:
@@ -100,11 +74,11 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
                   allow_unfinished: bool = False) -> dict:
     """Evaluate one model, or the ensemble of several (their probabilities averaged), on a split.
 
-    Each of `run_dirs` is a run directory or a SavedModel written by `tf-emnist export`; an
-    exported ensemble of k models weighs k, so every model counts once. split "test": the
-    official test split, metrics.json. split "validation": the validation images carved
-    from train, as the runs' training held them out, validation_metrics.json: this is where
-    an ensemble and the test-time augmentation (`tta` views at `tta_strength`, see
+    Each of `run_dirs` is a run directory or an export (tf_emnist.sources); an exported
+    ensemble of k models weighs k, so every model counts once. split "test": the official
+    test split, metrics.json. split "validation": the validation images carved from train,
+    as the runs' training held them out, validation_metrics.json: this is where an
+    ensemble and the test-time augmentation (`tta` views at `tta_strength`, see
     predict_logits; run directories only) are chosen, before the one test evaluation. The
     files go to the run directory for one plain run, to `output` (required) otherwise, so
     the run's own metrics.json stays the plain model's. `cache`, a dict the caller keeps,
@@ -113,112 +87,94 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
     (its model.keras is only its best epoch so far) unless `allow_unfinished`; its metrics
     then go to `output`, never into the run, so the run stays resumable.
     """
-    from tf_emnist.data import load_split, split_validation
-    from tf_emnist.export import is_export, load_source
-    from tf_emnist.plots import plot_confusion
-    from tf_emnist.runs import STATE
+    from tf_emnist.sources import load_source
 
-    run_dirs = [os.fspath(r) for r in run_dirs]
     if split not in ("test", "validation"):
         raise ValueError(f"unknown split {split!r}; choose test or validation")
-    plain_run = len(run_dirs) == 1 and tta == 1 and not is_export(run_dirs[0])
+    if tta < 1 or not tta_strength >= 0:
+        raise ValueError(f"--tta must be >= 1 and --tta-strength >= 0; got {tta} and {tta_strength}")
+    sources = [load_source(os.fspath(r)) for r in run_dirs]
+    plain_run = len(sources) == 1 and tta == 1 and sources[0].run_dir is not None
+    _check_outputs(sources, output, plain_run, allow_unfinished)
+    for source in sources:
+        source.check_tta(tta)
+    images, labels = _split_images(sources, split, limit_test, data_dir)
+    log.info("evaluating %d model%s on %d %s images%s", len(sources), "s" if len(sources) > 1 else "", len(labels),
+             split, f" x {tta} views" if tta > 1 else "")
+    cache = {} if cache is None else cache
+    logits = []
+    for source in sources:
+        key = (source.identity, split, limit_test, data_dir, tta, tta_strength)
+        if key not in cache:
+            cache[key] = source.logits(images, stored_orientation=True, tta=tta, tta_strength=tta_strength)
+        logits.append(cache[key])
+    metrics = compute_metrics(sources[0].task, ensemble_logits(logits, [s.members for s in sources]), labels, split)
+    if plain_run and os.path.exists(os.path.join(sources[0].run_dir, STATE)):
+        metrics.update({k: v for k, v in read_json(os.path.join(sources[0].run_dir, STATE)).items() if k != "finished"})
+    if len(sources) > 1:
+        metrics["ensemble"] = [os.path.abspath(r) for r in run_dirs]
+    if tta > 1:
+        metrics.update(tta=tta, tta_strength=tta_strength)
+    _write_metrics(metrics, os.fspath(output) if output is not None else sources[0].run_dir, split)
+    return metrics
+
+
+def _check_outputs(sources, output, plain_run: bool, allow_unfinished: bool) -> None:
+    """Refuse, in one line, an evaluation whose figures would land where they do not belong."""
     if output is None and not plain_run:
         raise ValueError("an ensemble, an export or --tta needs --output DIR for its metrics, "
                          "so that a run's own metrics stay its plain model's")
-    if tta < 1 or not tta_strength >= 0:
-        raise ValueError(f"--tta must be >= 1 and --tta-strength >= 0; got {tta} and {tta_strength}")
-    for run_dir in run_dirs:
-        state = os.path.join(run_dir, STATE)
-        if not is_export(run_dir) and os.path.isdir(run_dir) and not (
-                os.path.exists(state) and read_json(state).get("finished")):
-            if not allow_unfinished:
-                raise ValueError(f"{run_dir} has not finished training; resume it with the same `tf-emnist train` "
-                                 "command, or pass --allow-unfinished (with --output) to evaluate its best epoch so far")
-            if output is None:
-                raise ValueError("--allow-unfinished needs --output DIR, so that the unfinished run stays resumable")
-    sources = [load_source(r) for r in run_dirs]
-    if tta > 1 and any(s.model is None for s in sources):
-        raise ValueError("--tta needs run directories (Keras models), not exports; drop --tta or pass the runs")
-    task, config = sources[0].task, sources[0].config
-    data_keys = ("data_dir", "tfds_dir", "validation_split", "split_seed", "limit_train", "upright")
     for source in sources:
-        if source.task.name != task.name:
-            raise ValueError(f"{source.path} is a {source.task.name} model and {run_dirs[0]} a {task.name} model; "
-                             "an ensemble needs one task")
-        differ = sorted({k for other in source.configs for k in data_keys
-                         if _data_identity(getattr(other, k)) != _data_identity(getattr(config, k))})
+        if source.finished:
+            continue
+        if not allow_unfinished:
+            raise ValueError(f"{source.path} has not finished training; resume it with the same `tf-emnist train` "
+                             "command, or pass --allow-unfinished (with --output) to evaluate its best epoch so far")
+        if output is None:
+            raise ValueError("--allow-unfinished needs --output DIR, so that the unfinished run stays resumable")
+
+
+DATA_KEYS = ("data_dir", "tfds_dir", "validation_split", "split_seed", "limit_train", "upright")
+
+
+def _split_images(sources, split: str, limit_test: int | None, data_dir: str | None):
+    """(uint8 images as stored, labels) of the split the sources are evaluated on."""
+    from tf_emnist.data import load_split
+
+    first = sources[0]
+    for source in sources[1:]:
+        if source.task.name != first.task.name:
+            raise ValueError(f"{source.path} is a {source.task.name} model and {first.path} a {first.task.name} "
+                             "model; an ensemble needs one task")
+        differ = sorted({k for other in source.configs for k in DATA_KEYS
+                         if _data_identity(getattr(other, k)) != _data_identity(getattr(first.config, k))})
         if split == "validation" and differ:
             raise ValueError(f"{source.path} held out a different validation split ({', '.join(differ)} differ from "
-                             f"{run_dirs[0]}); compare them on the test split only")
+                             f"{first.path}); compare them on the test split only")
     if data_dir is None:  # exports name their data folder only; a run directory knows where it is
         data_dir = next((c.data_dir for s in sources for c in s.configs if c.data_dir and os.path.exists(c.data_dir)),
                         None)
     overrides = {k: v for k, v in (("limit_test", limit_test), ("data_dir", data_dir)) if v is not None}
-    config = config.replace(**overrides)
+    config = first.config.replace(**overrides)
     if split == "test":
-        images, labels = load_split(task, "test", config)
-    else:
-        if not config.validation_split:
-            raise ValueError(f"{sources[0].path} held out no validation images (a refit); evaluate it on the test split")
-        images, labels = load_split(task, "train", config)
-        _, val_idx = split_validation(len(labels), config.validation_split, config.split_seed)
-        images, labels = images[val_idx], labels[val_idx]
-    cache = {} if cache is None else cache
-    log.info("evaluating %d model%s on %d %s images%s", len(sources), "s" if len(sources) > 1 else "", len(labels),
-             split, f" x {tta} views" if tta > 1 else "")
-    logits = []
-    for source in sources:
-        key = (os.path.abspath(source.path), split, limit_test, data_dir, tta, tta_strength)
-        if key not in cache:
-            if source.model is None:
-                cache[key] = serve_logits(source.serving_function(stored_orientation=True), images)
-            else:
-                cache[key] = predict_logits(source.model, images, source.config.upright, tta=tta,
-                                            tta_strength=tta_strength)
-        logits.append(cache[key])
-    logits = [ensemble_logits(logits, [len(s.configs) for s in sources])]
-    metrics = compute_metrics(task, logits[0], labels, split)
-    out_dir = os.fspath(output) if output is not None else run_dirs[0]
-    if plain_run and os.path.exists(os.path.join(run_dirs[0], STATE)):
-        metrics.update({k: v for k, v in read_json(os.path.join(run_dirs[0], STATE)).items() if k != "finished"})
-    if len(run_dirs) > 1:
-        metrics["ensemble"] = [os.path.abspath(r) for r in run_dirs]
-    if tta > 1:
-        metrics.update(tta=tta, tta_strength=tta_strength)
+        return load_split(first.task, "test", config)
+    images, labels = load_split(first.task, "train", config)
+    return first.validation_images(images, labels)
+
+
+def _write_metrics(metrics: dict, out_dir: str, split: str) -> None:
+    from tf_emnist.plots import plot_confusion
+
     os.makedirs(out_dir, exist_ok=True)
     name = "metrics.json" if split == "test" else "validation_metrics.json"
     write_json(os.path.join(out_dir, name), metrics)
     if split == "test":
-        title = f"{task.name}: test accuracy {metrics['test_accuracy']:.2%} on {metrics['test_examples']} images"
-        save_figure(plot_confusion(metrics["confusion_matrix"], task.class_names, title),
+        title = (f"{metrics['task']}: test accuracy {metrics['test_accuracy']:.2%} on {metrics['test_examples']} "
+                 "images")
+        save_figure(plot_confusion(metrics["confusion_matrix"], metrics["confusion_labels"], title),
                     os.path.join(out_dir, "confusion.png"))
-    return metrics
 
 
 def _data_identity(value):
     """A data folder by name (exports record no machine's paths); other settings as they are."""
     return os.path.basename(os.path.normpath(value)) if isinstance(value, str) and os.sep in value else value
-
-
-def serve_logits(serve, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Logits [N, classes] of a serving signature (uint8 images -> a dict with "logits"), batch by batch."""
-    return np.concatenate([np.asarray(serve(images=images[i:i + batch_size])["logits"])
-                           for i in range(0, len(images), batch_size)]).astype(np.float64)
-
-
-def ensemble_logits(members: list[np.ndarray], weights: list[int]) -> np.ndarray:
-    """Several models' logits -> the log of their weighted mean probability (softmax gives it back).
-
-    A member that is itself an ensemble of k models weighs k, so every model counts once.
-    `make_ensemble_function` computes the same inside an exported graph.
-    """
-    if len(members) == 1:
-        return members[0]
-    weights = np.asarray(weights, np.float64)
-    return np.log(np.tensordot(weights / weights.sum(), [softmax(member) for member in members], axes=1))
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Probabilities [N, classes] from logits, in numpy."""
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)

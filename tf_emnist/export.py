@@ -1,4 +1,5 @@
-"""SavedModel (TF Serving layout) and TFLite export with a raw-image serving signature; ensembles of exports."""
+"""Writing exports: a SavedModel (TF Serving layout) or a TFLite file with raw-image signatures, from any
+model or ensemble tf_emnist.sources reads. Reading them back is tf_emnist.sources' job."""
 from __future__ import annotations
 
 import contextlib
@@ -6,122 +7,27 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 
-import numpy as np
-
-from tf_emnist.config import TrainConfig, config_from_dict
+from tf_emnist.config import TrainConfig
 from tf_emnist.files import exchange_paths, pid_alive, read_json, remove_stale_temporaries, write_json
-from tf_emnist.tasks import Task, get_task
-from tf_emnist.runs import MODEL, load_run
+from tf_emnist.sources import ENSEMBLE, EXTRA, TFLITE_FILE, ModelSource, load_source
+from tf_emnist.tasks import Task
 
 log = logging.getLogger("tf_emnist")
 
-IMAGE_SHAPE = (None, 28, 28)
-EXTRA = "assets.extra"
-ENSEMBLE = "ensemble.json"  # in EXTRA: the config of each model an ensemble export averages
-
-SPLIT_FROM = 256  # batches this large are classified in two halves at once
 FORMATS = ("savedmodel", "tflite")
-TFLITE_FILE = "model.tflite"
 # TFLite post-training quantization: "dynamic" stores the weights in int8 and quantizes the
 # activations batch by batch (int8 matmuls); "float16" halves the file and computes in float32.
 QUANTIZATIONS = ("none", "dynamic", "float16")
 EXPORT_INFO = "export.json"  # in EXTRA: the format and quantization of the export
 CLAIM = ".claim"  # task_dir/.<version>.claim: a running export holds this version (its pid inside)
+# The SavedModel's endpoints -> whether they take images in the NIST/tfds stored orientation.
+# Keras's ExportArchive writes the endpoint `serve` as the signature serving_default.
+ENDPOINTS = {"serve": False, "serve_stored": True}
 
 
 class ExportError(ValueError):
     """An export cannot be written where asked (message: one line)."""
-# Signature name -> whether it takes images in the NIST/tfds stored orientation.
-SIGNATURES = {"serve": False, "serve_stored": True}
-
-
-def make_serving_function(model, class_names, config: TrainConfig, *, stored_orientation: bool = False,
-                          jit_compile: bool = False, split: bool = True):
-    """A tf.function: uint8 images [N, 28, 28] -> logits, probabilities, class_ids, characters.
-
-    Images are upright (rows are the character's rows, light ink on dark, as EMNIST shows
-    them), or as NIST/tfds store them with `stored_orientation`. Scaling and orientation
-    happen inside the graph. `split`: classify large batches in two halves side by side.
-    """
-    import tensorflow as tf
-
-    # The model reads upright rows when trained with config.upright, stored rows otherwise.
-    transpose = stored_orientation == config.upright
-
-    def classify(images):  # the numeric part, XLA-compiled when asked (strings cannot be)
-        x = tf.cast(images, tf.float32) / 255.0
-        if transpose:
-            x = tf.transpose(x, [0, 2, 1])
-        return tf.cast(model(x, training=False), tf.float32)
-
-    classify = tf.function(classify, jit_compile=jit_compile)
-
-    def in_halves(images):
-        # Two independent launches, which TensorFlow's executor runs side by side: 1.17x the
-        # throughput of one launch at batch 1024 on 2 cores (docs/performance.md).
-        half = tf.shape(images)[0] // 2
-        return tf.concat([classify(images[:half]), classify(images[half:])], axis=0)
-
-    @tf.function(input_signature=[tf.TensorSpec(IMAGE_SHAPE, tf.uint8, name="images")])
-    def serve(images):
-        if not split:
-            return _outputs(classify(images), class_names)
-        logits = tf.cond(tf.shape(images)[0] >= SPLIT_FROM, lambda: in_halves(images), lambda: classify(images))
-        return _outputs(logits, class_names)
-
-    return serve
-
-
-def make_ensemble_function(members: list, weights: list[int], class_names):
-    """A tf.function like make_serving_function's, answering with the members' weighted mean probability.
-
-    `members` are serving functions (uint8 images -> a dict with "logits"); a member that is
-    itself an ensemble of k models weighs k, so every model counts once. The logits are the
-    log of the mean probability, so softmax gives the ensemble's probabilities back.
-    """
-    import tensorflow as tf
-
-    log_weights = tf.math.log(tf.constant(weights, tf.float32) / sum(weights))
-
-    @tf.function(input_signature=[tf.TensorSpec(IMAGE_SHAPE, tf.uint8, name="images")])
-    def serve(images):
-        log_probabilities = tf.stack([tf.nn.log_softmax(member(images=images)["logits"]) for member in members])
-        logits = tf.reduce_logsumexp(log_probabilities + log_weights[:, None, None], axis=0)
-        return _outputs(logits, class_names)
-
-    return serve
-
-
-def _outputs(logits, class_names) -> dict:
-    import tensorflow as tf
-
-    class_ids = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    return {"logits": logits, "probabilities": tf.nn.softmax(logits), "class_ids": class_ids,
-            "characters": tf.gather(tf.constant(list(class_names)), class_ids)}
-
-
-def is_saved_model(path: str | os.PathLike) -> bool:
-    return os.path.isfile(os.path.join(path, "saved_model.pb"))
-
-
-def is_tflite_export(path: str | os.PathLike) -> bool:
-    return os.path.isfile(os.path.join(path, TFLITE_FILE))
-
-
-def is_export(path: str | os.PathLike) -> bool:
-    return is_saved_model(path) or is_tflite_export(path)
-
-
-def newest_version(path: str | os.PathLike) -> str:
-    """A model base path as TensorFlow Serving reads it (a folder of numbered versions, e.g.
-    saved_models/merged) -> its highest version that holds an export; any other path unchanged."""
-    path = os.fspath(path)
-    if not os.path.isdir(path) or is_export(path) or os.path.isfile(os.path.join(path, MODEL)):
-        return path
-    versions = [int(name) for name in os.listdir(path) if name.isdigit() and is_export(os.path.join(path, name))]
-    return os.path.join(path, str(max(versions))) if versions else path
 
 
 def unroll_lstms(model):
@@ -148,32 +54,31 @@ def unroll_lstms(model):
     return twin
 
 
-def convert_to_tflite(sources: list, class_names, quantize: str = "none") -> bytes:
+def convert_to_tflite(models: list, class_names, quantize: str = "none") -> bytes:
     """A TFLite flatbuffer with signature serving_default, as the SavedModel's (upright images).
 
-    `sources` are run directories' Sources; several make their ensemble. Built-in ops only,
-    any batch size: each model is unrolled (see `unroll_lstms`) and its weights frozen into
-    constants. The TFLite converter does not freeze Keras 3's variables itself: its model
-    then reads uninitialised variables. `quantize`: one of QUANTIZATIONS.
+    `models`: [(Keras model, its TrainConfig)]; several make their ensemble. Built-in ops
+    only, any batch size: each model is unrolled (see `unroll_lstms`) and its weights frozen
+    into constants. The TFLite converter does not freeze Keras 3's variables itself: its
+    model then reads uninitialised variables. `quantize`: one of QUANTIZATIONS.
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
-    import tempfile
-
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    spec = tf.TensorSpec(IMAGE_SHAPE, tf.uint8, name="images")
-    functions = [make_serving_function(unroll_lstms(s.model), class_names, s.config, jit_compile=False, split=False)
-                 for s in sources]
+    from tf_emnist.signatures import graph_outputs, image_spec, make_ensemble_function, make_serving_function
+
+    functions = [make_serving_function(unroll_lstms(model), class_names, config, split=False)
+                 for model, config in models]
     serve = functions[0] if len(functions) == 1 else make_ensemble_function(functions, [1] * len(functions),
                                                                             class_names)
-    logits = tf.function(lambda images: serve(images=images)["logits"], input_signature=[spec])
+    logits = tf.function(lambda images: serve(images=images)["logits"], input_signature=[image_spec()])
     frozen = convert_variables_to_constants_v2(logits.get_concrete_function())
 
-    @tf.function(input_signature=[spec])
+    @tf.function(input_signature=[image_spec()])
     def signature(images):
-        return _outputs(frozen(images)[0], class_names)
+        return graph_outputs(frozen(images)[0], class_names)
 
     tf_log = logging.getLogger("tensorflow")
     level = tf_log.level
@@ -189,80 +94,6 @@ def convert_to_tflite(sources: list, class_names, quantize: str = "none") -> byt
             return converter.convert()
     finally:
         tf_log.setLevel(level)
-
-
-def load_tflite_signature(path: str | os.PathLike, num_threads: int | None = None):
-    """The serving_default signature of a TFLite export: runner(images=uint8 [N, 28, 28]) -> dict of arrays.
-
-    LiteRT's interpreter (package ai-edge-litert) when installed, else TensorFlow's
-    tf.lite.Interpreter, which TensorFlow deprecates in its favour.
-    """
-    import warnings
-
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        import tensorflow as tf
-
-        Interpreter = tf.lite.Interpreter
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
-        interpreter = Interpreter(model_path=os.path.join(path, TFLITE_FILE), num_threads=num_threads or os.cpu_count())
-    return interpreter.get_signature_runner("serving_default")
-
-
-@dataclass
-class Source:
-    """What export and evaluate need of a run directory or of a tf-emnist export (SavedModel or TFLite)."""
-
-    path: str
-    task: Task
-    configs: list[TrainConfig]  # one per model: several for an exported ensemble
-    model: object = None  # the Keras model of a run directory
-    saved_model: object = None  # the loaded SavedModel of a SavedModel export
-    tflite: object = None  # the serving signature of a TFLite export (see load_tflite_signature)
-
-    @property
-    def config(self) -> TrainConfig:
-        return self.configs[0]
-
-    def serving_function(self, stored_orientation: bool, jit_compile: bool = False):
-        """images=uint8 [N, 28, 28] -> a dict with logits, probabilities, class_ids, characters."""
-        if self.saved_model is not None:
-            return self.saved_model.signatures["serve_stored" if stored_orientation else "serving_default"]
-        if self.tflite is not None:  # a TFLite export has only the upright signature
-            def serve(images):
-                images = np.asarray(images)
-                return self.tflite(images=np.ascontiguousarray(images.transpose(0, 2, 1)) if stored_orientation
-                                   else images)
-            return serve
-        return make_serving_function(self.model, self.task.class_names, self.config,
-                                     stored_orientation=stored_orientation, jit_compile=jit_compile)
-
-
-def load_source(path: str | os.PathLike) -> Source:
-    """A run directory (model.keras) or an export written by `tf-emnist export`, ready to serve."""
-    path = os.fspath(path)
-    if not is_export(path):
-        if not os.path.isfile(os.path.join(path, MODEL)):
-            raise FileNotFoundError(f"{path} is neither a tf-emnist run ({MODEL}) nor an export (saved_model.pb or "
-                                    f"{TFLITE_FILE}); train with `tf-emnist train` or export with `tf-emnist export`")
-        model, config, task = load_run(path)
-        return Source(path, task, [config], model=model)
-    extra = os.path.join(path, EXTRA)
-    if not os.path.isfile(os.path.join(extra, "config.json")):
-        raise FileNotFoundError(f"{path} is an export without {EXTRA}/config.json, so not a tf-emnist export; "
-                                "export a run with `tf-emnist export RUN_DIR`")
-    configs = [read_json(os.path.join(extra, "config.json"))]
-    if os.path.isfile(os.path.join(extra, ENSEMBLE)):
-        configs = read_json(os.path.join(extra, ENSEMBLE))["members"]
-    configs = [config_from_dict(c, os.path.join(extra, "config.json")) for c in configs]
-    task = get_task(configs[0].task)
-    if is_tflite_export(path):
-        return Source(path, task, configs, tflite=load_tflite_signature(path))
-    import tensorflow as tf
-
-    return Source(path, task, configs, saved_model=tf.saved_model.load(path))
 
 
 def next_version(task_dir: str) -> int:
@@ -343,11 +174,12 @@ def _remove_stale_claims(task_dir: str) -> None:
                     os.remove(path)
 
 
-def _write_extra(folder: str, loaded: list, paths: list[str], task: Task, format: str, quantize: str) -> None:
-    """assets.extra/: config.json, labels.txt, export.json, and for an ensemble ensemble.json (sources by name)."""
+def _write_extra(folder: str, source: ModelSource, paths: list[str], format: str, quantize: str) -> None:
+    """assets.extra/: config.json, labels.txt, export.json, for an ensemble ensemble.json (sources by name), and
+    for one finished run its test figures (metrics.json, which `serve` shows)."""
     extra = os.path.join(folder, EXTRA)
     os.makedirs(extra, exist_ok=True)
-    configs = [portable_config(config) for source in loaded for config in source.configs]
+    configs = [portable_config(config) for config in source.configs]
     write_json(os.path.join(extra, "config.json"), configs[0])
     write_json(os.path.join(extra, EXPORT_INFO), {"format": format,
                                                    **({"quantize": quantize} if format == "tflite" else {})})
@@ -355,11 +187,11 @@ def _write_extra(folder: str, loaded: list, paths: list[str], task: Task, format
         write_json(os.path.join(extra, ENSEMBLE), {"members": configs,
                                                    "sources": [os.path.basename(os.path.normpath(p)) for p in paths]})
     with open(os.path.join(extra, "labels.txt"), "w") as f:
-        f.write("\n".join(task.class_names) + "\n")
-    run_metrics = os.path.join(paths[0], "metrics.json")
-    if len(loaded) == 1 and loaded[0].model is not None and os.path.isfile(run_metrics):
+        f.write("\n".join(source.class_names) + "\n")
+    run_metrics = os.path.join(source.run_dir or "", "metrics.json")
+    if source.run_dir is not None and os.path.isfile(run_metrics):
         figures = {k: v for k, v in read_json(run_metrics).items() if isinstance(v, (int, float, str))}
-        write_json(os.path.join(extra, "metrics.json"), figures)  # the test figures `serve` shows
+        write_json(os.path.join(extra, "metrics.json"), figures)
 
 
 def portable_config(config: TrainConfig) -> dict:
@@ -386,20 +218,21 @@ def xla_functions(path: str | os.PathLike) -> list[str]:
 
 
 def export_model(sources, output_root: str = "saved_models", *, version: int | None = None,
-                 force: bool = False, jit_compile: bool = False, format: str = "savedmodel",
+                 force: bool = False, require_xla: bool = False, format: str = "savedmodel",
                  quantize: str = "none") -> str:
     """Export a run's model, or an ensemble, to output_root/<task>/<version>/ as a SavedModel; returns its path.
 
     `sources`: a run directory, or several run directories and tf-emnist SavedModels, whose
-    models are averaged (see make_ensemble_function). Signatures: `serving_default`
-    (upright uint8 images) and `serve_stored` (NIST/tfds orientation). The class names and
-    the training config travel in assets.extra/ (an ensemble's: the first model's in
-    config.json, every model's in ensemble.json, with data folders and sources by name).
+    models are averaged (see tf_emnist.signatures.make_ensemble_function). Signatures:
+    `serving_default` (upright uint8 images) and `serve_stored` (NIST/tfds orientation). The
+    class names and the training config travel in assets.extra/ (an ensemble's: the first
+    model's in config.json, every model's in ensemble.json, with data folders and sources by
+    name).
 
     The export is portable: no function in it needs XLA, so it loads wherever SavedModels
-    load (TensorFlow Serving included). `jit_compile=True` marks the numeric part for XLA,
-    for users who serve it in-process only. See `claim_version` for how concurrent exports
-    and `force` stay safe.
+    load (TensorFlow Serving included). `require_xla=True` marks the numeric part for XLA, for
+    users who serve it in-process only. See `claim_version` for how concurrent exports and
+    `force` stay safe.
 
     `format="tflite"` writes output_root/<task>-tflite/<version>/model.tflite instead, with
     the same assets.extra/ (see `convert_to_tflite`); its sources must be run directories.
@@ -412,49 +245,38 @@ def export_model(sources, output_root: str = "saved_models", *, version: int | N
     if quantize != "none" and format != "tflite":
         raise ValueError(f"quantization {quantize!r} is for TFLite exports; add --format tflite")
     paths = [os.fspath(sources)] if isinstance(sources, (str, os.PathLike)) else [os.fspath(s) for s in sources]
-    if len(paths) == 1 and is_export(paths[0]):
+    source = load_source(paths)
+    if len(paths) == 1 and source.run_dir is None:
         raise ValueError(f"{paths[0]} is already an export; export a run directory, or list several "
                          "sources to export their ensemble")
-    loaded = [load_source(p) for p in paths]
-    task = loaded[0].task
-    for source in loaded:
-        if source.task.name != task.name:
-            raise ValueError(f"{source.path} is a {source.task.name} model and {paths[0]} a {task.name} model; "
-                             "an ensemble needs one task")
-        if format == "tflite" and source.model is None:
-            raise ValueError(f"{source.path} is an export; a TFLite export is built from the Keras models, "
-                             "so list run directories (model.keras)")
-        if source.tflite is not None:
-            raise ValueError(f"{source.path} is a TFLite export, which cannot join a SavedModel; "
-                             "list its run directories instead")
-    task_dir = os.path.join(output_root, task.name + ("-tflite" if format == "tflite" else ""))
+    task_dir = os.path.join(output_root, source.task.name + ("-tflite" if format == "tflite" else ""))
+    # Built before a version is claimed: a source that cannot be exported claims nothing.
+    if format == "tflite":
+        log.info("converting to TFLite (%s quantization)", quantize)
+        contents = convert_to_tflite(source.keras_models(), source.class_names, quantize)
+    else:
+        log.info("writing the SavedModel (%d model%s)", source.members, "s" if source.members > 1 else "")
+        archive = _build_archive(source, require_xla)
     with claim_version(task_dir, version, force) as (target, tmp):
         if format == "tflite":
-            log.info("converting to TFLite (%s quantization)", quantize)
             with open(os.path.join(tmp, TFLITE_FILE), "wb") as f:
-                f.write(convert_to_tflite(loaded, task.class_names, quantize))
+                f.write(contents)
         else:
-            log.info("writing the SavedModel (%d model%s)", sum(len(s.configs) for s in loaded),
-                     "s" if sum(len(s.configs) for s in loaded) > 1 else "")
-            _build_archive(loaded, task, jit_compile).write_out(tmp, verbose=False)
-        _write_extra(tmp, loaded, paths, task, format, quantize)
+            archive.write_out(tmp, verbose=False)
+        _write_extra(tmp, source, paths, format, quantize)
     log.info("exported %s to %s", " + ".join(paths), target)
     return target
 
 
-def _build_archive(loaded: list, task: Task, jit_compile: bool):
-    """A keras ExportArchive with the SIGNATURES of `loaded`'s model, or of their ensemble."""
+def _build_archive(source: ModelSource, require_xla: bool):
+    """A keras ExportArchive with the ENDPOINTS of the source's model (an ensemble's: their mean)."""
     import keras
 
-    # The endpoints capture the variables they use, so nothing else is tracked: tracking the
-    # Keras model as well would store every weight twice.
+    # The endpoints capture the variables they use, so only what the source names is tracked:
+    # tracking a Keras model as well would store every weight twice.
     archive = keras.export.ExportArchive()
-    for source in loaded:
-        if source.saved_model is not None:
-            archive.track(source.saved_model)
-    for name, stored in SIGNATURES.items():
-        functions = [source.serving_function(stored, jit_compile) for source in loaded]
-        if len(loaded) > 1:
-            functions = [make_ensemble_function(functions, [len(s.configs) for s in loaded], task.class_names)]
-        archive.add_endpoint(name, functions[0])
+    for resource in source.resources():
+        archive.track(resource)
+    for name, stored in ENDPOINTS.items():
+        archive.add_endpoint(name, source.serving_function(stored, require_xla))
     return archive

@@ -1,10 +1,10 @@
 """A faster LSTM training pass for CPUs, in bfloat16 where its matmuls are fast.
 
 Under XLA, every matmul of the LSTM runs in float32: XLA's CPU back end has no faster
-bfloat16 dot. TensorFlow's own MatMul runs bfloat16 through oneDNN at 1.5-1.9x its float32
-rate on an AMD EPYC with AVX512-BF16 (docs/performance.md), but at 0.4-0.8x
-on an Intel Xeon with AVX512-BF16 and no AMX: whether it pays is measured, once a process
-(`bf16_matmul_pays`). This kernel splits the training pass between the two:
+bfloat16 dot. TensorFlow's own MatMul runs bfloat16 through oneDNN, faster than float32 on
+some CPUs with bfloat16 units and slower on others (docs/performance.md): whether it pays is
+measured, once a process (`bf16_matmul_pays`). This kernel splits the training pass between
+the two:
 
 - the two recurrences (the forward pass over the 28 steps and its backward pass) are
   compiled by XLA, in float32; each half of the batch runs as its own LSTM, and the two run
@@ -19,8 +19,10 @@ In bfloat16, the training pass's input projection is rounded to bfloat16's 8-bit
 (its operands and its result), as mixed precision would round it, and so are the
 gradients. Inference is Keras's own LSTM, in float32: the model evaluated and exported is a
 plain keras.layers.LSTM with the same weights, and training saves a plain Keras copy
-(`tf_emnist.model.keras_lstm_copy`). In float32 the kernel computes Keras's forward pass
+(`tf_emnist.model.plain_copy`). In float32 the kernel computes Keras's forward pass
 and autodiff's gradients, to float32 rounding (its sigmoid is computed through tanh).
+
+TensorFlow only: `tf_emnist.backend` imports this module on the TensorFlow backend alone.
 """
 from __future__ import annotations
 
@@ -28,9 +30,11 @@ import functools
 import math
 import time
 
+import keras
+import tensorflow as tf
 
-# bfloat16 over float32 for TensorFlow's MatMul near the probe's shape: 1.9x on an AMD EPYC with AVX512-BF16,
-# 0.59-0.75x on an Intel Xeon (family 6, model 207) whose hypervisor shows AVX512-BF16 but not AMX.
+# The bfloat16 speed-up over float32, at the probe's shape, below which the kernel's matmuls stay in
+# float32: a smaller gain is lost again to the casts around each matmul.
 BF16_MIN_SPEEDUP = 1.3
 
 
@@ -51,8 +55,6 @@ def bf16_matmul_speedup(rows: int = 7168, inner: int = 256, cols: int = 1024, ro
     The default shape is merged's forward input projection: 28 steps x 256 images by 256 by
     4 x 256 gates. It takes about a quarter of a second, once a process.
     """
-    import tensorflow as tf
-
     a = tf.random.stateless_normal([rows, inner], seed=[0, 1])
     b = tf.random.stateless_normal([inner, cols], seed=[0, 2])
     operands = {dtype: (tf.cast(a, dtype), tf.cast(b, dtype)) for dtype in ("float32", "bfloat16")}
@@ -78,12 +80,10 @@ def lstm_function(matmul_dtype: str = "bfloat16"):
     x is time-major [T, B, D]. `matmul_dtype` is the four large matmuls' ("float32" gives Keras's forward
     pass and autodiff's gradients, to float32 rounding). `lstm_in_parts` runs it over parts of a batch.
     """
-    import tensorflow as tf
-
     def gates(z, units):
         """The four gates of z [B, 4H] in Keras's order (input, forget, cell, output), in one pass:
-        sigmoid(x) = tanh(x / 2) / 2 + 1 / 2. Four separate activations over slices of z made
-        XLA emit more, slower loops (a tenth of the forward recurrence)."""
+        sigmoid(x) = tanh(x / 2) / 2 + 1 / 2. Four separate activations over slices of z make
+        XLA emit more loops, each slower."""
         scale = tf.repeat(tf.constant([0.5, 0.5, 1.0, 0.5]), units)
         return tf.tanh(z * scale) * scale + tf.repeat(tf.constant([0.5, 0.5, 0.0, 0.5]), units)
 
@@ -112,7 +112,7 @@ def lstm_function(matmul_dtype: str = "bfloat16"):
             return gs[t], cs[t], c_prev[t], d_hs[t]
 
         # Each step's inputs are sliced one step ahead, into the loop's state: the element-wise
-        # fusions then read plain buffers (1.02-1.04x a training step, docs/performance.md).
+        # fusions then read plain buffers instead of slicing inside the loop.
         ahead = step_inputs(steps - 1)
         for k in tf.range(steps):
             t = steps - 1 - k
@@ -153,7 +153,7 @@ def lstm_function(matmul_dtype: str = "bfloat16"):
             # hs[:-1]. Slices along the first axis share their buffers, where a concat would copy.
             d_recurrent = (matmul(over_steps(hs[:-1]), over_steps(d_zs[1:]), transpose_a=True)
                            + matmul(h0, d_zs[0], transpose_a=True))
-            # A matmul by ones sums the rows 3-4x faster than reduce_sum here.
+            # A matmul by ones sums the rows faster than reduce_sum does here (oneDNN against a reduction).
             d_bias = tf.matmul(tf.ones((1, tf.shape(d_z)[0])), d_z)[0]
             return d_x, d_h0, d_c0, matmul(rows, d_z, transpose_a=True), d_recurrent, d_bias
 
@@ -167,15 +167,12 @@ def lstm_in_parts(sequences, h0, c0, kernel, recurrent_kernel, bias, matmul_dtyp
     """The kernel's LSTM over batch-major sequences [B, T, D] -> (last h, h of every step [B, T, H], last c).
 
     With `halves`, each half of the batch runs as its own LSTM (`lstm_function`), and TensorFlow's
-    executor runs the two side by side: their XLA recurrences and their large matmuls. On 2 cores
-    TensorFlow's threads scale poorly over one small matmul, so two halves keep both cores busier
-    than one batch: halves trained the float32 kernel at 1.21x (digit-letter) and 1.05x (merged)
-    one launch on an Intel Xeon. Each half has its own input projection and large matmuls, so no
-    batch-sized tensor is sliced or stitched inside the kernel, and autodiff adds up the two
-    halves' weight gradients.
+    executor runs the two side by side: their XLA recurrences and their large matmuls. On few
+    cores TensorFlow's threads scale poorly over one small matmul, so two halves keep the cores
+    busier than one batch (docs/performance.md). Each half has its own input projection and
+    large matmuls, so no batch-sized tensor is sliced or stitched inside the kernel, and
+    autodiff adds up the two halves' weight gradients.
     """
-    import tensorflow as tf
-
     lstm = lstm_function(matmul_dtype)
     batch = tf.shape(sequences)[0]
     sizes = [batch // 2, batch - batch // 2] if halves else [batch]
@@ -189,37 +186,29 @@ def lstm_in_parts(sequences, h0, c0, kernel, recurrent_kernel, bias, matmul_dtyp
     return last_h, hs, tf.concat([c_last for _, c_last in outputs], 0)
 
 
-@functools.cache
-def kernel_lstm_class():
-    """keras.layers.LSTM, with the kernel above for training wherever it applies (float32, no mask, default activations)."""
-    import keras
-    import tensorflow as tf
+# Registered because Bidirectional makes its backward layer from this one's config.
+@keras.saving.register_keras_serializable(package="tf_emnist")
+class KernelLSTM(keras.layers.LSTM):
+    """keras.layers.LSTM, with the kernel above for training wherever it applies (float32, no mask, default
+    activations); its large matmuls in `matmul_dtype`."""
 
-    # Registered because Bidirectional makes its backward layer from this one's config.
-    @keras.saving.register_keras_serializable(package="tf_emnist")
-    class KernelLSTM(keras.layers.LSTM):
-        """A keras.layers.LSTM that trains with the kernel above; its large matmuls in `matmul_dtype`."""
+    def __init__(self, units, matmul_dtype="bfloat16", **kwargs):
+        super().__init__(units, **kwargs)
+        self.matmul_dtype = matmul_dtype
 
-        def __init__(self, units, matmul_dtype="bfloat16", **kwargs):
-            super().__init__(units, **kwargs)
-            self.matmul_dtype = matmul_dtype
+    def get_config(self):
+        return {**super().get_config(), "matmul_dtype": self.matmul_dtype}
 
-        def get_config(self):
-            return {**super().get_config(), "matmul_dtype": self.matmul_dtype}
-
-        def inner_loop(self, sequences, initial_state, mask, training=False):
-            cell = self.cell
-            plain = (cell.activation is keras.activations.tanh and cell.recurrent_activation is keras.activations.sigmoid
-                     and cell.use_bias and not (cell.dropout or cell.recurrent_dropout) and self.compute_dtype == "float32")
-            # Inference runs Keras's own loop: exports and validation see exactly a keras.layers.LSTM.
-            if not training or mask is not None or not plain:
-                return super().inner_loop(sequences, initial_state, mask, training)
-            if self.go_backwards:
-                sequences = tf.reverse(sequences, [1])
-            last_h, hs, c_last = lstm_in_parts(sequences, *initial_state, cell.kernel.value,
-                                               cell.recurrent_kernel.value, cell.bias.value, self.matmul_dtype)
-            # Keras's layout: batch-major, in the order the steps were processed.
-            return last_h, hs, [last_h, c_last]
-
-    return KernelLSTM
-
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        cell = self.cell
+        plain = (cell.activation is keras.activations.tanh and cell.recurrent_activation is keras.activations.sigmoid
+                 and cell.use_bias and not (cell.dropout or cell.recurrent_dropout) and self.compute_dtype == "float32")
+        # Inference runs Keras's own loop: exports and validation see exactly a keras.layers.LSTM.
+        if not training or mask is not None or not plain:
+            return super().inner_loop(sequences, initial_state, mask, training)
+        if self.go_backwards:
+            sequences = tf.reverse(sequences, [1])
+        last_h, hs, c_last = lstm_in_parts(sequences, *initial_state, cell.kernel.value,
+                                           cell.recurrent_kernel.value, cell.bias.value, self.matmul_dtype)
+        # Keras's layout: batch-major, in the order the steps were processed.
+        return last_h, hs, [last_h, c_last]

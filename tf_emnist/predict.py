@@ -96,23 +96,26 @@ def describe(name: str, characters: list[Character], top: list[list[tuple[str, f
 
 
 class Predictor:
-    """Classifies upright uint8 images with an export (SavedModel or TFLite) or a run directory's model."""
+    """Classifies upright uint8 images with any model tf_emnist.sources reads: an export (SavedModel or
+    TFLite), a run directory's model, a folder of versions."""
 
     def __init__(self, path: str):
-        from tf_emnist.export import load_source
+        from tf_emnist.sources import load_source
 
-        source = load_source(path)
-        self.serve = source.serving_function(stored_orientation=False)
-        self.class_names = list(source.task.class_names)
+        self.source = load_source(path)
+        self.class_names = self.source.class_names
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        out = self.serve(images=np.ascontiguousarray(images, np.uint8))
-        return {k: np.asarray(v) for k, v in out.items()}
+        return self.source.outputs(np.ascontiguousarray(images, np.uint8))
 
     def top_k(self, images: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:
         """For each image, the k most likely characters with their probabilities."""
-        if not 1 <= k <= len(self.class_names):
-            raise ValueError(f"top k must be between 1 and {len(self.class_names)}, got {k}")
-        probabilities = self(images)["probabilities"]
-        best = np.argsort(-probabilities, axis=1)[:, :k]
-        return [[(self.class_names[c], float(p[c])) for c in row] for row, p in zip(best, probabilities)]
+        return top_k(self(images)["probabilities"], self.class_names, k)
+
+
+def top_k(probabilities: np.ndarray, class_names, k: int) -> list[list[tuple[str, float]]]:
+    """For each row of probabilities, the k most likely classes with their probabilities."""
+    if not 1 <= k <= len(class_names):
+        raise ValueError(f"top k must be between 1 and {len(class_names)}, got {k}")
+    best = np.argsort(-probabilities, axis=1)[:, :k]
+    return [[(class_names[c], float(p[c])) for c in row] for row, p in zip(best, probabilities)]

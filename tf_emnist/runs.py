@@ -9,15 +9,14 @@ import json
 import os
 import time
 
-from tf_emnist.config import TrainConfig, config_from_dict
+from tf_emnist.config import AUTOMATIC, TrainConfig, config_from_dict
 from tf_emnist.files import pid_alive, read_json, read_json_object, write_json
-from tf_emnist.model import AUTOMATIC
 from tf_emnist.tasks import get_task
 
 CONFIG, STATE, STEPS, HISTORY, MODEL = "config.json", "train_state.json", "steps.csv", "history.csv", "model.keras"
 BACKUP, LOCK = "backup", "run.lock"
 INIT = "init.json"  # the model a run started from (--init-from): its path and sha256
-_NEW_STATE = {"best_val_accuracy": None, "best_epoch": None, "best_batch_loss": None, "train_seconds": 0.0,
+NEW_STATE = {"best_val_accuracy": None, "best_epoch": None, "best_batch_loss": None, "train_seconds": 0.0,
               "finished": False}
 
 
@@ -42,6 +41,7 @@ def _same_config(run_dir: str, config: TrainConfig) -> bool:
         recorded = TrainConfig(**read_json(os.path.join(run_dir, CONFIG))).to_dict()
     except (OSError, json.JSONDecodeError, TypeError, ValueError):
         return False
+    recorded["backend"] = recorded["backend"] or "tensorflow"  # a run that predates the choice trained on it
     wanted = config.to_dict()
     return all(recorded[k] == v for k, v in wanted.items() if not (k in AUTOMATIC and v is None))
 
@@ -104,7 +104,7 @@ def run_lock(run_dir: str):
             os.remove(path)
 
 
-def _read_csv(path: str) -> list[dict]:
+def read_csv(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
     with open(path, newline="") as f:
@@ -115,7 +115,7 @@ def read_history(run_dir: str) -> list[dict]:
     """history.csv, one row per epoch (a row repeated by a resume keeps its last copy). Keras's CSVLogger
     writes NA where an epoch has no figure (the validation columns of a refit); those are left out."""
     by_epoch = {int(r["epoch"]): {k: v for k, v in r.items() if v != "NA"}
-                for r in _read_csv(os.path.join(run_dir, HISTORY))}
+                for r in read_csv(os.path.join(run_dir, HISTORY))}
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
@@ -139,25 +139,22 @@ def load_run(run_dir: str):
     return model, config, get_task(config.task)
 
 
-def environment() -> dict:
-    """What ran: versions, the machine, the devices."""
+def environment(processes: int = 1) -> dict:
+    """What ran: versions, the backend, the machine, the devices, the processes."""
     import platform
 
-    import keras
-    import tensorflow as tf
+    from tf_emnist.backend import framework_versions, gpu_names
+    from tf_emnist.version import __version__
 
-    from tf_emnist import __version__
-
-    return {"tf_emnist": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
-            "gpus": [d.name for d in tf.config.list_logical_devices("GPU")]}
+    return {"tf_emnist": __version__, **framework_versions(), "python": platform.python_version(),
+            "platform": platform.platform(), "cpu": cpu_name(), "gpus": gpu_names(), "processes": processes}
 
 
-def _record_environment(run_dir: str) -> None:
+def record_environment(run_dir: str, processes: int = 1) -> None:
     """train_state.json's `environments`: one entry per start of the run (a resume adds one)."""
     path = os.path.join(run_dir, STATE)
-    state = read_json(path) if os.path.exists(path) else dict(_NEW_STATE)
-    state["environments"] = [*state.get("environments", []), environment()]
+    state = read_json(path) if os.path.exists(path) else dict(NEW_STATE)
+    state["environments"] = [*state.get("environments", []), environment(processes)]
     write_json(path, state)
 
 

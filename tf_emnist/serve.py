@@ -13,6 +13,7 @@ import numpy as np
 
 from tf_emnist.files import read_json
 from tf_emnist.predict import ImageError, characters_in, describe, read_image
+from tf_emnist.predict import top_k as ranked
 
 log = logging.getLogger("tf_emnist")
 
@@ -34,39 +35,25 @@ class RequestError(ValueError):
 class ServedModel:
     """A model as `serve` runs it: uint8 upright [N, 28, 28] -> logits, one call at a time.
 
-    A SavedModel's signature is compiled with XLA in this process (the file on disk stays
-    portable). Batches run in chunks of at most `max_batch` images, each padded to one of a
-    few sizes (BUCKETS), all compiled before the first request, so no request waits for a
-    compilation. TFLite exports run as they are; their interpreter is not thread-safe,
-    hence the lock.
+    A SavedModel's signature is compiled with XLA in this process with `xla` (the file on
+    disk stays portable). Batches run in chunks of at most `max_batch` images, each padded
+    to one of a few sizes (BUCKETS), all compiled before the first request, so no request
+    waits for a compilation. TFLite exports run as they are. One call at a time.
     """
 
-    def __init__(self, path: str, name: str | None = None, jit_compile: bool = True, max_batch: int = 64):
-        from tf_emnist.export import EXTRA, load_source
+    def __init__(self, path: str, name: str | None = None, xla: bool = True, max_batch: int = 64):
+        from tf_emnist.sources import load_source
 
         source = load_source(path)
-        self.path, self.task = path, source.task
+        self.path, self.task, self.source = path, source.task, source
         self.name = name or source.task.name
-        base = os.path.basename(os.path.normpath(path))
-        self.version = int(base) if base.isdigit() else 1
-        self.class_names = list(source.task.class_names)
-        metrics_path = os.path.join(path, EXTRA, "metrics.json")
-        self.metrics = read_json(metrics_path) if os.path.isfile(metrics_path) else {}
-        self.members = len(source.configs)
-        self._source = source  # the loaded SavedModel owns the variables its signature reads
+        self.version, self.class_names, self.metrics = source.version, source.class_names, source.metrics
+        self.members, self.kind = source.members, source.kind
         self._lock = threading.Lock()
-        if source.tflite is not None:
-            self._logits = lambda images: source.tflite(images=images)["logits"]
-            self.kind = "TFLite"
-        else:
-            import tensorflow as tf
-
-            serve = source.serving_function(stored_orientation=False)
-            self._logits = tf.function(lambda images: serve(images=images)["logits"], jit_compile=jit_compile)
-            self.kind = "SavedModel" if source.saved_model is not None else "Keras run"
+        self._logits = source.logits_function(xla)
         self.buckets = sorted({b for b in BUCKETS if b < max_batch} | {max_batch})
-        if jit_compile and self.kind != "TFLite":
-            log.info("compiling %s with XLA for batches of %s images", path, ", ".join(map(str, self.buckets)))
+        log.info("loading %s%s for batches of %s images", path, " (compiled with XLA)" if xla else "",
+                 ", ".join(map(str, self.buckets)))
         for size in self.buckets:  # load and compile before the first request
             self._logits(np.zeros((size, 28, 28), np.uint8))
 
@@ -83,12 +70,9 @@ class ServedModel:
             return np.asarray(self._logits(images))[:n]
 
     def outputs(self, logits: np.ndarray) -> dict[str, np.ndarray]:
-        from tf_emnist.evaluate import softmax
+        from tf_emnist.sources import outputs
 
-        probabilities = softmax(logits)
-        class_ids = logits.argmax(axis=1).astype(np.int32)
-        return {"characters": np.asarray(self.class_names)[class_ids], "class_ids": class_ids,
-                "logits": logits, "probabilities": probabilities}
+        return outputs(logits, self.class_names)
 
 
 @dataclass
@@ -317,7 +301,7 @@ def create_app(model: ServedModel, *, max_batch_size: int = 64, batch_timeout_ms
                 characters = await asyncio.to_thread(_characters, data, name, segment)
                 logits = await batcher.logits(np.stack([c.image for c in characters]))
                 probabilities = model.outputs(logits)["probabilities"]
-                top = [[(model.class_names[c], float(p[c])) for c in np.argsort(-p)[:top_k]] for p in probabilities]
+                top = ranked(probabilities, model.class_names, top_k)
                 answers.append(describe(name, characters, top, segment))
             return JSONResponse(answers)
         except RequestError as e:
@@ -365,11 +349,11 @@ def _characters(data: bytes, name: str, segment: bool):
 
 
 def serve(path: str, *, host: str = "127.0.0.1", port: int = 8501, model_name: str | None = None,
-          max_batch_size: int = 64, batch_timeout_ms: float = 2.0, jit_compile: bool = True) -> None:
+          max_batch_size: int = 64, batch_timeout_ms: float = 2.0, xla: bool = True) -> None:
     """Load the model and serve until SIGINT or SIGTERM (uvicorn finishes the requests in flight)."""
     import uvicorn
 
-    model = ServedModel(path, model_name, jit_compile, max_batch=max(max_batch_size, BUCKETS[-1]))
+    model = ServedModel(path, model_name, xla, max_batch=max(max_batch_size, BUCKETS[-1]))
     app = create_app(model, max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms)
     log.info("serving %s as %r on http://%s:%d/ (REST: /v1/models/%s:predict)", path, model.name, host, port,
              model.name)

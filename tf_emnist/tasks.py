@@ -131,7 +131,7 @@ def resolve_config(given: dict[str, Any], config_file: str | os.PathLike | None 
 def refit_settings(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The settings that refit a finished validation run on all train images: the run's own, with
     no validation split, its epochs up to its best one, and no early stopping. (Its learning
-    rates, epoch by epoch, are replayed by training: `tf_emnist.model.lever_callbacks`.)"""
+    rates, epoch by epoch, are replayed by training: `tf_emnist.callbacks.lever_callbacks`.)"""
     run_dir = os.path.abspath(os.path.expanduser(os.fspath(run_dir)))
     settings = read_config_file(os.path.join(run_dir, "config.json"))
     state = read_json_object(os.path.join(run_dir, "train_state.json"), "--refit run state")

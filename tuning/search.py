@@ -9,10 +9,10 @@ import time
 
 import numpy as np
 
+from tf_emnist.backend import tf_strategy
 from tf_emnist.config import HYPERPARAMETERS, TrainConfig
 from tf_emnist.files import save_figure, write_csv, write_json
 from tf_emnist.tasks import get_task
-from tf_emnist.training import distribution_strategy
 from tf_emnist.tuning.space import define
 
 log = logging.getLogger("tf_emnist")
@@ -26,8 +26,10 @@ def make_hypermodel(base: TrainConfig, space: dict, num_classes: int, num_train:
     import keras
     import keras_tuner as kt
 
-    from tf_emnist.data import make_dataset
-    from tf_emnist.model import build_model, compile_model, lever_callbacks, steps_per_epoch
+    from tf_emnist.data import Batches
+    from tf_emnist.callbacks import lever_callbacks
+    from tf_emnist.model import build_model, compile_model, steps_per_epoch
+    from tf_emnist.training import fit_model
 
     class FailOnNaN(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
@@ -43,15 +45,14 @@ def make_hypermodel(base: TrainConfig, space: dict, num_classes: int, num_train:
             return compile_model(build_model(config, num_classes), config, steps_per_epoch(num_train, config.batch_size))
 
         def fit(self, hp, model, train, validation, epochs=1, callbacks=(), verbose=2, **kwargs):
-            config = self.config_for(hp)  # batch_size reaches the data here, as keras-tuner intends
+            config = self.config_for(hp).replace(epochs=epochs)  # batch_size reaches the data here, as intended
             (images, labels, train_idx), (_, _, val_idx) = train, validation
-            train_ds = make_dataset(images, labels, config.batch_size, training=True, indices=train_idx,
+            train_batches = Batches(images, labels, config.batch_size, training=True, indices=train_idx,
                                     seed=config.seed, upright=config.upright, augment=config.augment)
-            val_ds = make_dataset(images, labels, config.batch_size, training=False, indices=val_idx,
-                                  upright=config.upright)
+            val_batches = Batches(images, labels, config.batch_size, indices=val_idx, upright=config.upright)
             stop = [keras.callbacks.EarlyStopping(monitor=OBJECTIVE, mode="max", patience=patience)] if patience else []
             start = time.perf_counter()
-            history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose, shuffle=False,
+            history = fit_model(model, config, train_batches, val_batches, verbose=verbose,
                                 callbacks=[*lever_callbacks(config), *callbacks, *stop, FailOnNaN()],
                                 **kwargs).history
             scores = history[OBJECTIVE]
@@ -66,14 +67,18 @@ def make_hypermodel(base: TrainConfig, space: dict, num_classes: int, num_train:
 def make_tuner(kind: str, hypermodel, *, output: str, project: str, max_trials: int, max_epochs: int,
                seed: int, overwrite: bool):
     import keras_tuner as kt
-    import tensorflow as tf
+
+    from tf_emnist.backend import on_jax
 
     common = dict(objective=kt.Objective(OBJECTIVE, direction="max"), directory=output, project_name=project,
                   overwrite=overwrite, seed=seed, max_consecutive_failed_trials=max(3, max_trials))
-    strategy = distribution_strategy("default")
-    if isinstance(strategy, tf.distribute.OneDeviceStrategy):
-        # One GPU: trials run under its OneDeviceStrategy, which copies batches to it, as training does.
-        common["distribution_strategy"] = strategy
+    if not on_jax():
+        import tensorflow as tf
+
+        strategy = tf_strategy("default")
+        if isinstance(strategy, tf.distribute.OneDeviceStrategy):
+            # One GPU: trials run under its OneDeviceStrategy, which copies batches to it, as training does.
+            common["distribution_strategy"] = strategy
     if kind == "random":
         return kt.RandomSearch(hypermodel, max_trials=max_trials, **common)
     if kind == "bayesian":

@@ -1,0 +1,2 @@
+"""tf-emnist's version, in a module that imports nothing."""
+__version__ = "0.8.0"
