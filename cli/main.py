@@ -248,9 +248,10 @@ def cmd_tasks(args) -> int:
         return ", ".join([f"{p.num_layers} x {p.hidden_dim} {kind}", f"{p.epochs} epochs", *levers])
 
     for task in TASKS.values():
-        print(f"{task.name:13} {task.tfds_name:16} {task.num_classes:3} classes  study: {describe(task.preset)}")
+        head = f"{task.name:13} {task.tfds_name:16} {task.num_classes:3} classes  "
+        print(f"{head}study: {describe(task.preset)}")
         if task.best is not None:
-            print(f"{'':48}best:  {describe(task.best)}")
+            print(f"{'':{len(head)}}best:  {describe(task.best)}")
     return 0
 
 
@@ -383,8 +384,11 @@ def _add_predict(sub) -> None:
                                          "character, any size, dark on light or light on dark.")
     predict.add_argument("model", type=_model_path,
                          help="an export (SavedModel or TFLite; a folder of versions means the newest) or a run directory")
-    predict.add_argument("inputs", nargs="+", metavar="IMAGE")
-    predict.add_argument("--top-k", type=_positive_int, default=3, help="characters to show per image (default 3)")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE",
+                         help="image files (PNG, JPEG, any mode Pillow reads) of one character each, or .npy files "
+                              "of uint8 [N, 28, 28] upright arrays")
+    predict.add_argument("--top-k", type=_positive_int, help="characters to show per image (default 3, or every "
+                                                            "class of a task with fewer)")
     predict.add_argument("--segment", action="store_true",
                          help="each image holds a line of characters written apart: answer the string, left to right")
     predict.add_argument("--json", action="store_true", help="machine-readable output")
@@ -502,11 +506,17 @@ def main(argv=None) -> int:
     # folder>" on every export) stays out.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("tf_emnist").setLevel(logging.WARNING if args.quiet else args.log_level.upper())
+    debug = args.log_level == "debug"
+    logging.getLogger("absl").setLevel(logging.DEBUG if debug else logging.ERROR)  # tfds's notes, e.g.
     from tf_emnist.nist import DataError
     from tf_emnist.runs import RunDirError
 
     try:
         args.chosen_backend = choose_backend(args)
+        if args.chosen_backend == "tensorflow" and args.command != "tasks":
+            from tf_emnist.backend import load_tensorflow
+
+            load_tensorflow(show_logs=debug)
         return args.func(args)
     except KeyboardInterrupt:
         print(f"\n{parser.prog}: interrupted; run the same command again to resume", file=sys.stderr)

@@ -21,11 +21,12 @@ if [ ! -f "$teacher/model.tflite" ]; then
   git archive ed49e18 saved_models/merged-tflite/2 | tar -x -C runs/teacher-0.5.0
 fi
 
-keep() {  # keep() RUN NAME: the run's record, without its model, in results/distill/NAME
+keep() {  # keep() RUN NAME: the run's record, without its model, in results/distill/NAME (paths relative)
   mkdir -p "$out/$2"
   for f in config.json history.csv train_state.json teacher.json init.json validation_metrics.json metrics.json; do
     if [ -f "$1/$f" ]; then cp "$1/$f" "$out/$2/"; fi
   done
+  sed -i "s|$PWD/||g; s|$(dirname "$PWD")/|../|g" "$out/$2"/*.json
 }
 
 case $stage in

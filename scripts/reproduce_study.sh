@@ -17,6 +17,7 @@ for task in merged digit-letter; do
     --output "runs/study-$task$suffix" 2>&1 | tee "$out/$task.log"
   mkdir -p "$out/$task"
   cp runs/study-$task$suffix/{config.json,metrics.json,history.csv,steps.csv,*.png} "$out/$task/"
+  sed -i "s|$PWD/||g; s|$(dirname "$PWD")/|../|g" "$out/$task/config.json" "$out/$task.log"  # paths relative
 done
 if [ "$backend" = tensorflow ] && "$py" -c "import torch" 2>/dev/null; then
   for task in merged digit-letter; do

@@ -17,14 +17,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden-dim", "8", "--num-layers", "1", "--batch-size", "32", "--log-every", "2"]
 # A process that cannot import TensorFlow (as on a machine without it), then tf-emnist's command line.
 WITHOUT_TENSORFLOW = """
-import sys
+import importlib.abc, importlib.machinery, sys
 
-class NoTensorFlow:
+class NotInstalled(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("tensorflow", "tensorflow_datasets", "tf_keras"):
-            raise ImportError(f"{name} is not installed here")
+            return importlib.machinery.ModuleSpec(name, self)  # found nowhere on disk (no origin)
 
-sys.meta_path.insert(0, NoTensorFlow())
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f"No module named {spec.name!r}", name=spec.name)
+
+    def exec_module(self, module):
+        pass
+
+sys.meta_path.insert(0, NotInstalled())
 from tf_emnist.cli.main import run
 run(sys.argv[1:])
 """

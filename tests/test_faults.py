@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import run_cli, write_nist_folder
 
+pytestmark = pytest.mark.slow  # real processes and servers: the slow tier (make test-slow)
+
 TINY = ["--hidden-dim", "8", "--num-layers", "1", "--batch-size", "32", "--no-jit-compile"]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
 

@@ -15,6 +15,8 @@ from PIL import Image
 from tests.conftest import run_cli, serving
 from tf_emnist.export import export_model
 
+pytestmark = pytest.mark.slow  # real processes and servers: the slow tier (make test-slow)
+
 pytest.importorskip("starlette", reason="the serve extra is not installed: pip install '.[serve]'")
 
 

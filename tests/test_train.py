@@ -177,14 +177,6 @@ def test_bad_input_gets_one_line_and_nonzero_exit(args, message, code, capsys, t
     assert not (tmp_path / "r").exists()  # bad input leaves no run directory behind
 
 
-def test_an_empty_npy_is_skipped_with_one_line(capsys, tmp_path):
-    root = _bad_files(tmp_path)
-    assert run_cli("predict", os.path.join(os.path.dirname(__file__), "..", "saved_models", "merged-tflite"),
-                   root / "empty.npy") == 1
-    err = capsys.readouterr().err.strip()
-    assert "empty.npy: not a readable .npy file" in err and len(err.splitlines()) == 1, err
-
-
 def test_config_file_then_flags_override(nist_dir, tmp_path):
     from tf_emnist.cli.main import build_parser, config_from_args
     from tf_emnist.tasks import resolve_config

@@ -56,6 +56,37 @@ def _keep_tensorflow_out() -> None:
         module_utils.tensorflow._available = False
 
 
+def load_tensorflow(show_logs: bool = False) -> None:
+    """Import TensorFlow and start its devices now, its C++ log lines (oneDNN's notice, a failed CUDA
+    start on a machine without a GPU) hidden unless `show_logs`: they look like failures and are not."""
+    with _native_stderr(show_logs):
+        import tensorflow as tf
+
+        tf.config.list_logical_devices()
+
+
+@contextlib.contextmanager
+def _native_stderr(show: bool):
+    """Inside, what native code writes to the process's stderr is dropped (unless `show`)."""
+    if show:
+        yield
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
 def active_backend() -> str:
     """The backend Keras runs in this process (importing Keras, which reads KERAS_BACKEND)."""
     import keras

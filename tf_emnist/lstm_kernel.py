@@ -73,6 +73,62 @@ def bf16_matmul_pays() -> bool:
     return cpu_has_bf16_matmul() and bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
 
 
+def _gates(z, units):
+    """The four gates of z [B, 4H] in Keras's order (input, forget, cell, output), in one pass:
+    sigmoid(x) = tanh(x / 2) / 2 + 1 / 2. Four separate activations over slices of z make
+    XLA emit more loops, each slower."""
+    scale = tf.repeat(tf.constant([0.5, 0.5, 1.0, 0.5]), units)
+    return tf.tanh(z * scale) * scale + tf.repeat(tf.constant([0.5, 0.5, 0.0, 0.5]), units)
+
+
+@tf.function(jit_compile=True)
+def _forward(projected, h, c, recurrent_kernel):
+    """projected [T, B, 4H] = x_t W + b for every step -> h and c of every step, and the gates."""
+    steps, units = projected.shape[0], h.shape[-1]
+    hs, cs, gs = (tf.TensorArray(tf.float32, steps) for _ in range(3))
+    for t in tf.range(steps):
+        a = _gates(projected[t] + tf.matmul(h, recurrent_kernel), units)
+        i, f, g, o = tf.split(a, 4, axis=-1)
+        c = f * c + i * g
+        h = o * tf.tanh(c)
+        hs, cs, gs = hs.write(t, h), cs.write(t, c), gs.write(t, a)
+    return hs.stack(), cs.stack(), gs.stack()
+
+
+@tf.function(jit_compile=True)
+def _backward(d_hs, d_c_last, cs, gs, c0, recurrent_kernel):
+    """Gradients of the gate pre-activations z of every step [T, B, 4H], and of h0 and c0."""
+    steps = cs.shape[0]
+    c_prev = tf.concat([c0[None], cs[:-1]], 0)
+    d_zs = tf.TensorArray(tf.float32, steps)
+    d_h, d_c = tf.zeros_like(c0), d_c_last
+
+    def step_inputs(t):
+        return gs[t], cs[t], c_prev[t], d_hs[t]
+
+    # Each step's inputs are sliced one step ahead, into the loop's state: the element-wise
+    # fusions then read plain buffers instead of slicing inside the loop.
+    ahead = step_inputs(steps - 1)
+    for k in tf.range(steps):
+        t = steps - 1 - k
+        (a, c_t, c_before, d_h_out), ahead = ahead, step_inputs(tf.maximum(t - 1, 0))
+        i, f, g, o = tf.split(a, 4, axis=-1)
+        tanh_c = tf.tanh(c_t)
+        d_h += d_h_out
+        d_c += d_h * o * (1 - tanh_c * tanh_c)
+        d_z = tf.concat([d_c * g * i * (1 - i), d_c * c_before * f * (1 - f),
+                         d_c * i * (1 - g * g), d_h * tanh_c * o * (1 - o)], -1)
+        d_zs = d_zs.write(t, d_z)
+        d_h = tf.matmul(d_z, recurrent_kernel, transpose_b=True)
+        d_c *= f
+    return d_zs.stack(), d_h, d_c
+
+
+def _over_steps(a):
+    """[T, B, n] -> [T * B, n]: the rows of a large matmul over all steps."""
+    return tf.reshape(a, (-1, a.shape[-1]))
+
+
 @functools.cache
 def lstm_function(matmul_dtype: str = "bfloat16"):
     """The custom-gradient LSTM (x, h0, c0, kernel, recurrent_kernel, bias) -> (h of every step, last c).
@@ -80,78 +136,26 @@ def lstm_function(matmul_dtype: str = "bfloat16"):
     x is time-major [T, B, D]. `matmul_dtype` is the four large matmuls' ("float32" gives Keras's forward
     pass and autodiff's gradients, to float32 rounding). `lstm_in_parts` runs it over parts of a batch.
     """
-    def gates(z, units):
-        """The four gates of z [B, 4H] in Keras's order (input, forget, cell, output), in one pass:
-        sigmoid(x) = tanh(x / 2) / 2 + 1 / 2. Four separate activations over slices of z make
-        XLA emit more loops, each slower."""
-        scale = tf.repeat(tf.constant([0.5, 0.5, 1.0, 0.5]), units)
-        return tf.tanh(z * scale) * scale + tf.repeat(tf.constant([0.5, 0.5, 0.0, 0.5]), units)
-
-    @tf.function(jit_compile=True)
-    def forward(projected, h, c, recurrent_kernel):
-        """projected [T, B, 4H] = x_t W + b for every step -> h and c of every step, and the gates."""
-        steps, units = projected.shape[0], h.shape[-1]
-        hs, cs, gs = (tf.TensorArray(tf.float32, steps) for _ in range(3))
-        for t in tf.range(steps):
-            a = gates(projected[t] + tf.matmul(h, recurrent_kernel), units)
-            i, f, g, o = tf.split(a, 4, axis=-1)
-            c = f * c + i * g
-            h = o * tf.tanh(c)
-            hs, cs, gs = hs.write(t, h), cs.write(t, c), gs.write(t, a)
-        return hs.stack(), cs.stack(), gs.stack()
-
-    @tf.function(jit_compile=True)
-    def backward(d_hs, d_c_last, cs, gs, c0, recurrent_kernel):
-        """Gradients of the gate pre-activations z of every step [T, B, 4H], and of h0 and c0."""
-        steps = cs.shape[0]
-        c_prev = tf.concat([c0[None], cs[:-1]], 0)
-        d_zs = tf.TensorArray(tf.float32, steps)
-        d_h, d_c = tf.zeros_like(c0), d_c_last
-
-        def step_inputs(t):
-            return gs[t], cs[t], c_prev[t], d_hs[t]
-
-        # Each step's inputs are sliced one step ahead, into the loop's state: the element-wise
-        # fusions then read plain buffers instead of slicing inside the loop.
-        ahead = step_inputs(steps - 1)
-        for k in tf.range(steps):
-            t = steps - 1 - k
-            (a, c_t, c_before, d_h_out), ahead = ahead, step_inputs(tf.maximum(t - 1, 0))
-            i, f, g, o = tf.split(a, 4, axis=-1)
-            tanh_c = tf.tanh(c_t)
-            d_h += d_h_out
-            d_c += d_h * o * (1 - tanh_c * tanh_c)
-            d_z = tf.concat([d_c * g * i * (1 - i), d_c * c_before * f * (1 - f),
-                             d_c * i * (1 - g * g), d_h * tanh_c * o * (1 - o)], -1)
-            d_zs = d_zs.write(t, d_z)
-            d_h = tf.matmul(d_z, recurrent_kernel, transpose_b=True)
-            d_c *= f
-        return d_zs.stack(), d_h, d_c
-
-    def matmul(a, b, dtype=matmul_dtype, **transpose):
-        return tf.cast(tf.matmul(tf.cast(a, dtype), tf.cast(b, dtype), **transpose), tf.float32)
-
-    def over_steps(a):
-        """[T, B, n] -> [T * B, n]: the rows of a large matmul over all steps."""
-        return tf.reshape(a, (-1, a.shape[-1]))
+    def matmul(a, b, **transpose):
+        return tf.cast(tf.matmul(tf.cast(a, matmul_dtype), tf.cast(b, matmul_dtype), **transpose), tf.float32)
 
     @tf.custom_gradient
     def lstm(x, h0, c0, kernel, recurrent_kernel, bias):
         """x [T, B, D] (time-major) -> (h of every step [T, B, H], c of the last step)."""
         steps, batch = x.shape[0], tf.shape(x)[1]
-        rows = over_steps(x)
+        rows = _over_steps(x)
         projected = tf.reshape(matmul(rows, kernel) + bias, (steps, batch, -1))
         # The custom gradient below replaces autodiff: keep the tape out of the XLA call.
-        hs, cs, gs = forward(*map(tf.stop_gradient, (projected, h0, c0, recurrent_kernel)))
+        hs, cs, gs = _forward(*map(tf.stop_gradient, (projected, h0, c0, recurrent_kernel)))
 
         def grad(d_hs, d_c_last):
             d_c_last = tf.zeros_like(c0) if d_c_last is None else d_c_last
-            d_zs, d_h0, d_c0 = backward(d_hs, d_c_last, cs, gs, c0, recurrent_kernel)
-            d_z = over_steps(d_zs)
+            d_zs, d_h0, d_c0 = _backward(d_hs, d_c_last, cs, gs, c0, recurrent_kernel)
+            d_z = _over_steps(d_zs)
             d_x = tf.reshape(matmul(d_z, kernel, transpose_b=True), tf.shape(x))
             # The recurrent kernel's gradient pairs each step's d_z with the h before it: h0, then
             # hs[:-1]. Slices along the first axis share their buffers, where a concat would copy.
-            d_recurrent = (matmul(over_steps(hs[:-1]), over_steps(d_zs[1:]), transpose_a=True)
+            d_recurrent = (matmul(_over_steps(hs[:-1]), _over_steps(d_zs[1:]), transpose_a=True)
                            + matmul(h0, d_zs[0], transpose_a=True))
             # A matmul by ones sums the rows faster than reduce_sum does here (oneDNN against a reduction).
             d_bias = tf.matmul(tf.ones((1, tf.shape(d_z)[0])), d_z)[0]

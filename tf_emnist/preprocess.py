@@ -13,7 +13,21 @@ SPECK = 0.02  # components smaller than this fraction of the largest are noise
 
 
 class ImageError(ValueError):
-    """An input is not a usable character image (message: one line)."""
+    """An input is not a usable character image (message: one line). `http_status`: what a server answers."""
+
+    http_status = 422  # readable, but no character to read in it
+
+
+class UnreadableImage(ImageError):
+    """The bytes are not an image this reads."""
+
+    http_status = 415
+
+
+class ImageTooLarge(ImageError):
+    """More pixels than one character needs (a decompression bomb, say)."""
+
+    http_status = 413
 
 
 @dataclass(frozen=True)

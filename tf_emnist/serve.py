@@ -4,15 +4,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
 
-from tf_emnist.files import read_json
 from tf_emnist.predict import ImageError, characters_in, describe, read_image
+from tf_emnist.predict import DEFAULT_TOP_K
 from tf_emnist.predict import top_k as ranked
 
 log = logging.getLogger("tf_emnist")
@@ -136,7 +135,7 @@ def parse_predict_request(body: bytes) -> tuple[np.ndarray, str, bool]:
     """A TF Serving :predict body -> (uint8 upright images, signature name, row format?)."""
     try:
         request = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise RequestError(f"the request body is not valid JSON ({e.__class__.__name__}); "
                            'send {"instances": [...]} or {"inputs": ...}') from None
     if not isinstance(request, dict) or ("instances" in request) == ("inputs" in request):
@@ -215,126 +214,177 @@ def page(model: ServedModel) -> str:
     return text.replace("{{MODEL}}", html.escape(about)).replace("{{NAME}}", html.escape(model.name))
 
 
+# -- the handlers: the app's state holds the model and its batcher (create_app)
+
+def _servable(request) -> ServedModel:
+    """The model a /v1/models/NAME[/versions/N] path names, or a 404 as TF Serving words it."""
+    model = request.app.state.model
+    name, version = request.path_params["name"], request.path_params.get("version")
+    if name != model.name:
+        raise RequestError(f"Servable not found for request: Latest({name}); this server has {model.name!r}", 404)
+    if version is not None and version != model.version:
+        raise RequestError(f"Servable not found for request: Specific({name}, {version}); "
+                           f"the version served is {model.version}", 404)
+    return model
+
+
+async def model_status(request):
+    """GET /v1/models/NAME[/versions/N]."""
+    from starlette.responses import JSONResponse
+
+    model = _servable(request)
+    return JSONResponse({"model_version_status": [{
+        "version": str(model.version), "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]})
+
+
+async def model_metadata(request):
+    """GET /v1/models/NAME[/versions/N]/metadata."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(signature_metadata(_servable(request)))
+
+
+async def rest_predict(request):
+    """POST /v1/models/NAME[/versions/N]:predict, TF Serving's row or columnar format."""
+    from starlette.responses import JSONResponse
+
+    model = _servable(request)
+    images, _, row = parse_predict_request(await read_body(request))
+    logits = await request.app.state.batcher.logits(images)
+    return JSONResponse(format_outputs(model.outputs(logits), row))
+
+
+async def upload_predict(request):
+    """POST /predict: multipart image files (field `files`); options segment and top_k (query or form)."""
+    from starlette.responses import JSONResponse
+
+    model, batcher = request.app.state.model, request.app.state.batcher
+    files, segment, top_k = await read_uploads(request, len(model.class_names))
+    answers = []
+    for name, data in files:
+        characters = await asyncio.to_thread(_characters, data, name, segment)
+        logits = await batcher.logits(np.stack([c.image for c in characters]))
+        top = ranked(model.outputs(logits)["probabilities"], model.class_names, top_k)
+        answers.append(describe(name, characters, top, segment))
+    return JSONResponse(answers)
+
+
+async def index(request):
+    from starlette.responses import HTMLResponse
+
+    return HTMLResponse(page(request.app.state.model))
+
+
+async def read_body(request) -> bytes:
+    """The request's body, refused with a 413 past MAX_BODY (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY:
+        raise RequestError(f"the request is {int(declared)} bytes; the limit is {MAX_BODY // 2**20} MiB", 413)
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise RequestError(f"the request is over the {MAX_BODY // 2**20} MiB limit", 413)
+    return body
+
+
+async def read_uploads(request, classes: int) -> tuple[list[tuple[str, bytes]], bool, int]:
+    """([(file name, bytes)], segment, top_k) of an upload."""
+    declared = request.headers.get("content-length") or "0"
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise RequestError(f"the upload is over the {MAX_BODY // 2**20} MiB limit", 413)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise RequestError("send the images as multipart/form-data in the field 'files'")
+    async with request.form(max_files=64, max_fields=16, max_part_size=MAX_BODY) as form:
+        options = {**request.query_params, **{k: v for k, v in form.items() if isinstance(v, str)}}
+        segment = str(options.get("segment", "false")).lower() in ("1", "true", "yes", "on")
+        top_k = _top_k(options.get("top_k"), classes)
+        uploads = [f for f in form.getlist("files") if not isinstance(f, str)]
+        if not uploads:
+            raise RequestError("no image in the field 'files'; upload one or more PNG or JPEG files")
+        return [(f.filename or "upload", await f.read()) for f in uploads], segment, top_k
+
+
+# -- errors: each carries its HTTP status
+
+def _error(message: str, status: int):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def request_error(request, e: RequestError):
+    return _error(str(e), e.status)
+
+
+async def image_error(request, e: ImageError):
+    return _error(str(e), e.http_status)
+
+
+async def http_error(request, e):
+    """Starlette's own refusals: no such path or method, or a multipart body it cannot parse."""
+    path = request.url.path
+    if e.status_code == 404:
+        return _error(f"unknown path {path}; see TensorFlow Serving's REST API", 404)
+    if e.status_code == 405:
+        return _error(f"{request.method} is not served at {path}; use {e.headers.get('Allow', 'another method')}", 405)
+    return _error(f"malformed upload ({e.detail}); send multipart/form-data with image files in 'files'",
+                  e.status_code)
+
+
+async def client_gone(request, e):
+    """The client left mid-request: nobody to answer, nothing to report."""
+    from starlette.responses import Response
+
+    log.debug("a client disconnected during %s %s", request.method, request.url.path)
+    return Response(status_code=400)
+
+
 def create_app(model: ServedModel, *, max_batch_size: int = 64, batch_timeout_ms: float = 2.0):
     """The Starlette application: TF Serving's REST API, POST /predict for image files, and GET /."""
     import contextlib
 
     from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.convertors import Convertor, register_url_convertor
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
     from starlette.routing import Route
 
+    class ServableName(Convertor):  # a model name stops before ":predict"
+        regex = "[^/:]+"
+
+        def convert(self, value):
+            return value
+
+        def to_string(self, value):
+            return value
+
+    register_url_convertor("servable", ServableName())
     batcher = Batcher(model, max_batch_size, batch_timeout_ms)
-
-    def error(message: str, status: int = 400):
-        return JSONResponse({"error": message}, status_code=status)
-
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_BODY:
-            raise RequestError(f"the request is {int(declared)} bytes; the limit is {MAX_BODY // 2**20} MiB", 413)
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY:
-                raise RequestError(f"the request is over the {MAX_BODY // 2**20} MiB limit", 413)
-        return body
-
-    def check_model(name: str, version: str | None):
-        if name != model.name:
-            raise RequestError(f"Servable not found for request: Latest({name}); this server has {model.name!r}", 404)
-        if version is not None and version != str(model.version):
-            raise RequestError(f"Servable not found for request: Specific({name}, {version}); "
-                               f"the version served is {model.version}", 404)
-
-    async def models(request: Request):
-        """/v1/models/NAME[/versions/N][/metadata] (GET) and /v1/models/NAME[/versions/N]:predict (POST)."""
-        rest = request.path_params["rest"]
-        action = None
-        if ":" in rest:
-            rest, action = rest.rsplit(":", 1)
-        parts = rest.strip("/").split("/")
-        metadata = parts[-1] == "metadata"
-        if metadata:
-            parts = parts[:-1]
-        if len(parts) == 3 and parts[1] == "versions":
-            name, version = parts[0], parts[2]
-        elif len(parts) == 1:
-            name, version = parts[0], None
-        else:
-            return error(f"unknown path {request.url.path}; see TensorFlow Serving's REST API", 404)
-        try:
-            check_model(name, version)
-            if request.method == "GET":
-                if action is not None:
-                    return error(f"use POST for :{action}", 405)
-                if metadata:
-                    return JSONResponse(signature_metadata(model))
-                return JSONResponse({"model_version_status": [{
-                    "version": str(model.version), "state": "AVAILABLE",
-                    "status": {"error_code": "OK", "error_message": ""}}]})
-            if action != "predict" or metadata:
-                return error(f"POST {request.url.path} is not served; POST to /v1/models/{model.name}:predict", 405)
-            images, _, row = parse_predict_request(await read_body(request))
-            logits = await batcher.logits(images)
-            return JSONResponse(format_outputs(model.outputs(logits), row))
-        except RequestError as e:
-            return error(str(e), e.status)
-
-    async def predict_files(request: Request):
-        """POST /predict: multipart image files (field `files`); options segment and top_k (query or form)."""
-        try:
-            if int(request.headers.get("content-length") or 0) > MAX_BODY:
-                raise RequestError(f"the upload is over the {MAX_BODY // 2**20} MiB limit", 413)
-            if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-                raise RequestError("send the images as multipart/form-data in the field 'files'")
-            async with request.form(max_files=64, max_fields=16, max_part_size=MAX_BODY) as form:
-                options = {**request.query_params, **{k: v for k, v in form.items() if isinstance(v, str)}}
-                segment = str(options.get("segment", "false")).lower() in ("1", "true", "yes", "on")
-                top_k = _top_k(options.get("top_k", "3"), len(model.class_names))
-                uploads = [f for f in form.getlist("files") if not isinstance(f, str)]
-                if not uploads:
-                    raise RequestError("no image in the field 'files'; upload one or more PNG or JPEG files")
-                files = [(f.filename or "upload", await f.read()) for f in uploads]
-            answers = []
-            for name, data in files:
-                characters = await asyncio.to_thread(_characters, data, name, segment)
-                logits = await batcher.logits(np.stack([c.image for c in characters]))
-                probabilities = model.outputs(logits)["probabilities"]
-                top = ranked(probabilities, model.class_names, top_k)
-                answers.append(describe(name, characters, top, segment))
-            return JSONResponse(answers)
-        except RequestError as e:
-            return error(str(e), e.status)
-        except ImageError as e:
-            message = str(e)
-            status = 415 if "not a readable image" in message else 413 if "too many pixels" in message or (
-                "too large" in message) else 422
-            return error(message, status)
-        except Exception as e:  # the multipart parser's own errors (a malformed body)
-            if e.__class__.__module__.startswith(("starlette", "multipart", "python_multipart")):
-                return error(f"malformed upload ({e}); send multipart/form-data with image files in 'files'", 400)
-            raise
-
-    async def index(request: Request):
-        return HTMLResponse(page(model))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        app.state.model, app.state.batcher = model, batcher
         batcher.start()
         yield
         await batcher.stop()
         log.info("stopped serving %s", model.name)
 
-    async def not_found(request: Request, exc):
-        return error(f"unknown path {request.url.path}", getattr(exc, "status_code", 404))
-
-    routes = [Route("/", index), Route("/predict", predict_files, methods=["POST"]),
-              Route("/v1/models/{rest:path}", models, methods=["GET", "POST"])]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    models = "/v1/models/{name:servable}"
+    versions = models + "/versions/{version:int}"
+    routes = [Route("/", index), Route("/predict", upload_predict, methods=["POST"])]
+    for base in (models, versions):
+        routes += [Route(base + ":predict", rest_predict, methods=["POST"]),
+                   Route(base + "/metadata", model_metadata, methods=["GET"]),
+                   Route(base, model_status, methods=["GET"])]
+    handlers = {RequestError: request_error, ImageError: image_error, HTTPException: http_error,
+                ClientDisconnect: client_gone}
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
 
 
 def _top_k(text, classes: int) -> int:
+    if text is None:
+        return min(DEFAULT_TOP_K, classes)
     try:
         value = int(text)
     except (TypeError, ValueError):

@@ -1,4 +1,7 @@
-"""keras-tuner search over the one model builder: HyperModel, tuners, results, distributed mode."""
+"""keras-tuner search over the one model builder: HyperModel, tuners, results, distributed mode.
+
+Imports Keras and keras-tuner: the command line imports this module only to tune.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,9 +10,11 @@ import os
 import socket
 import time
 
+import keras
+import keras_tuner as kt
 import numpy as np
 
-from tf_emnist.backend import tf_strategy
+from tf_emnist.backend import on_jax, tf_strategy
 from tf_emnist.config import HYPERPARAMETERS, TrainConfig
 from tf_emnist.files import save_figure, write_csv, write_json
 from tf_emnist.tasks import get_task
@@ -21,55 +26,62 @@ TUNERS = ("random", "bayesian", "hyperband")
 OBJECTIVE = "val_accuracy"
 
 
+class FailOnNaN(keras.callbacks.Callback):
+    """Fail the trial (keras-tuner records it and goes on) once its loss is not a number."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not math.isfinite(float(logs["loss"])):
+            raise kt.errors.FailedTrialError(f"loss became {logs['loss']} at batch {batch}")
+
+
+class EmnistHyperModel(kt.HyperModel):
+    """build() is tf_emnist's build_model + compile_model; fit() is tf_emnist.training.fit_model, on the
+    images and the train and validation indices the search passes."""
+
+    def __init__(self, base: TrainConfig, space: dict, num_classes: int, num_train: int, patience: int = 2):
+        super().__init__(name=f"{base.task}_lstm")
+        self.base, self.space, self.num_classes, self.num_train, self.patience = (
+            base, space, num_classes, num_train, patience)
+
+    def config_for(self, hp) -> TrainConfig:
+        return self.base.replace(**{name: define(hp, name, spec) for name, spec in self.space.items()})
+
+    def build(self, hp):
+        from tf_emnist.model import build_model, compile_model, steps_per_epoch
+
+        config = self.config_for(hp)
+        return compile_model(build_model(config, self.num_classes), config,
+                             steps_per_epoch(self.num_train, config.batch_size))
+
+    def fit(self, hp, model, train, validation, epochs=1, callbacks=(), verbose=2, **kwargs):
+        from tf_emnist.callbacks import lever_callbacks
+        from tf_emnist.data import Batches
+        from tf_emnist.training import fit_model
+
+        config = self.config_for(hp).replace(epochs=epochs)  # batch_size reaches the data here, as intended
+        (images, labels, train_idx), (_, _, val_idx) = train, validation
+        train_batches = Batches(images, labels, config.batch_size, training=True, indices=train_idx,
+                                seed=config.seed, upright=config.upright, augment=config.augment)
+        val_batches = Batches(images, labels, config.batch_size, indices=val_idx, upright=config.upright)
+        stop = ([keras.callbacks.EarlyStopping(monitor=OBJECTIVE, mode="max", patience=self.patience)]
+                if self.patience else [])
+        start = time.perf_counter()
+        history = fit_model(model, config, train_batches, val_batches, verbose=verbose,
+                            callbacks=[*lever_callbacks(config), *callbacks, *stop, FailOnNaN()], **kwargs).history
+        scores = history[OBJECTIVE]
+        best = int(np.argmax(scores))
+        return {OBJECTIVE: float(scores[best]), "val_loss": float(history["val_loss"][best]),
+                "best_epoch": float(kwargs.get("initial_epoch", 0) + best + 1),
+                "trial_seconds": time.perf_counter() - start}
+
+
 def make_hypermodel(base: TrainConfig, space: dict, num_classes: int, num_train: int, patience: int = 2):
-    """A keras_tuner.HyperModel whose build() is tf_emnist's build_model + compile_model."""
-    import keras
-    import keras_tuner as kt
-
-    from tf_emnist.data import Batches
-    from tf_emnist.callbacks import lever_callbacks
-    from tf_emnist.model import build_model, compile_model, steps_per_epoch
-    from tf_emnist.training import fit_model
-
-    class FailOnNaN(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if not math.isfinite(float(logs["loss"])):
-                raise kt.errors.FailedTrialError(f"loss became {logs['loss']} at batch {batch}")
-
-    class EmnistHyperModel(kt.HyperModel):
-        def config_for(self, hp) -> TrainConfig:
-            return base.replace(**{name: define(hp, name, spec) for name, spec in space.items()})
-
-        def build(self, hp):
-            config = self.config_for(hp)
-            return compile_model(build_model(config, num_classes), config, steps_per_epoch(num_train, config.batch_size))
-
-        def fit(self, hp, model, train, validation, epochs=1, callbacks=(), verbose=2, **kwargs):
-            config = self.config_for(hp).replace(epochs=epochs)  # batch_size reaches the data here, as intended
-            (images, labels, train_idx), (_, _, val_idx) = train, validation
-            train_batches = Batches(images, labels, config.batch_size, training=True, indices=train_idx,
-                                    seed=config.seed, upright=config.upright, augment=config.augment)
-            val_batches = Batches(images, labels, config.batch_size, indices=val_idx, upright=config.upright)
-            stop = [keras.callbacks.EarlyStopping(monitor=OBJECTIVE, mode="max", patience=patience)] if patience else []
-            start = time.perf_counter()
-            history = fit_model(model, config, train_batches, val_batches, verbose=verbose,
-                                callbacks=[*lever_callbacks(config), *callbacks, *stop, FailOnNaN()],
-                                **kwargs).history
-            scores = history[OBJECTIVE]
-            best = int(np.argmax(scores))
-            return {OBJECTIVE: float(scores[best]), "val_loss": float(history["val_loss"][best]),
-                    "best_epoch": float(kwargs.get("initial_epoch", 0) + best + 1),
-                    "trial_seconds": time.perf_counter() - start}
-
-    return EmnistHyperModel(name=f"{base.task}_lstm")
+    """The search's keras_tuner.HyperModel (EmnistHyperModel)."""
+    return EmnistHyperModel(base, space, num_classes, num_train, patience)
 
 
 def make_tuner(kind: str, hypermodel, *, output: str, project: str, max_trials: int, max_epochs: int,
                seed: int, overwrite: bool):
-    import keras_tuner as kt
-
-    from tf_emnist.backend import on_jax
-
     common = dict(objective=kt.Objective(OBJECTIVE, direction="max"), directory=output, project_name=project,
                   overwrite=overwrite, seed=seed, max_consecutive_failed_trials=max(3, max_trials))
     if not on_jax():
@@ -185,8 +197,6 @@ def run_search(base: TrainConfig, space: dict, *, tuner_kind: str = "random", ma
 
     Returns best_config (None on a worker, which only runs trials).
     """
-    import keras
-
     from tf_emnist.data import load_split, split_validation
 
     if tuner_kind not in TUNERS:
@@ -208,8 +218,10 @@ def run_search(base: TrainConfig, space: dict, *, tuner_kind: str = "random", ma
     tuner = make_tuner(tuner_kind, hypermodel, output=output, project=f"{task.name}-{tuner_kind}",
                        max_trials=max_trials, max_epochs=max_epochs, seed=base.seed, overwrite=overwrite)
     role = os.environ.get("KERASTUNER_TUNER_ID", "")
-    tensorboard = keras.callbacks.TensorBoard(os.path.join(output, "tensorboard"))  # keras-tuner adds HParams
-    tuner.search((images, labels, train_idx), (images, labels, val_idx), epochs=max_epochs, verbose=verbose, callbacks=[tensorboard])
+    # keras-tuner adds HParams to TensorBoard's logs, which TensorFlow writes (none on JAX)
+    logs = [] if on_jax() else [keras.callbacks.TensorBoard(os.path.join(output, "tensorboard"))]
+    tuner.search((images, labels, train_idx), (images, labels, val_idx), epochs=max_epochs, verbose=verbose,
+                 callbacks=logs)
     if role.startswith("tuner"):  # a worker: the chief writes the results
         return None
     rows = trial_rows(tuner)
