@@ -5,6 +5,7 @@ import argparse
 import errno
 import json
 import logging
+import math
 import os
 import sys
 
@@ -31,6 +32,23 @@ def _typed(name: str):
             raise argparse.ArgumentTypeError(str(e)) from None
 
     parse.__name__ = FIELDS[name].type.split(" |")[0]
+    return parse
+
+
+def _in_range(kind, low, high):
+    """An argparse type: a number of `kind` (int or float) from low to high; NaN and infinities refused."""
+    words = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"expected {words}, got {text!r}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"expected {words} from {low} to {high}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
     return parse
 
 
@@ -289,8 +307,10 @@ def _add_train(sub) -> None:
     cluster = train.add_argument_group(
         "several processes or machines (JAX; each flag defaults to Keras's KERAS_DISTRIBUTION_* variable)")
     cluster.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, the same for every process")
-    cluster.add_argument("--num-processes", type=_positive_int, metavar="N", help="how many processes train the run")
-    cluster.add_argument("--process-id", type=int, metavar="I", help="this process's number, 0 to N-1 (0 writes the run)")
+    cluster.add_argument("--num-processes", type=_in_range(int, 1, 100_000), metavar="N",
+                         help="how many processes train the run")
+    cluster.add_argument("--process-id", type=_in_range(int, 0, 99_999), metavar="I",
+                         help="this process's number, 0 to N-1 (0 writes the run)")
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
 
@@ -308,10 +328,10 @@ def _add_evaluate(sub) -> None:
     evaluate.add_argument("--split", choices=["test", "validation"], default="test",
                           help="test (default), or the validation images the runs held out of train")
     evaluate.add_argument("--output", help="where the metrics go (required for several runs, an export or --tta)")
-    evaluate.add_argument("--tta", type=int, default=1, metavar="VIEWS",
+    evaluate.add_argument("--tta", type=_in_range(int, 1, 64), default=1, metavar="VIEWS",
                           help="test-time augmentation: average the image and VIEWS-1 randomly transformed copies "
                                "(default 1: off; choose it on --split validation)")
-    evaluate.add_argument("--tta-strength", type=float, default=TTA_STRENGTH,
+    evaluate.add_argument("--tta-strength", type=_in_range(float, 0, 5), default=TTA_STRENGTH,
                           help="strength of the copies' random affine transform, as train's --augment (default %(default)s)")
     evaluate.add_argument("--data-dir", help="read the test split from this NIST folder instead of the run's source")
     evaluate.add_argument("--limit-test", type=_typed("limit_test"), help="evaluate on the first N test images")
@@ -341,9 +361,10 @@ def _add_tune(sub) -> None:
     tune.add_argument("--distributed", choices=["chief", "worker"],
                       help="keras-tuner distributed mode: the chief oracle, or a worker running trials")
     tune.add_argument("--oracle-host", default="127.0.0.1", help="chief address (default 127.0.0.1)")
-    tune.add_argument("--oracle-port", type=int, default=8000, help="chief port (default 8000)")
-    tune.add_argument("--worker-id", type=int, default=0, help="this worker's number (tuner<N>)")
-    tune.add_argument("--connect-timeout", type=float, default=60, help="seconds a worker waits for the chief")
+    tune.add_argument("--oracle-port", type=_in_range(int, 1, 65535), default=8000, help="chief port (default 8000)")
+    tune.add_argument("--worker-id", type=_in_range(int, 0, 100_000), default=0, help="this worker's number (tuner<N>)")
+    tune.add_argument("--connect-timeout", type=_in_range(float, 0, 86_400), default=60,
+                      help="seconds a worker waits for the chief (default 60)")
     add_config_flags(tune)
     tune.set_defaults(func=cmd_tune)
 
@@ -361,7 +382,8 @@ def _add_export(sub) -> None:
     export.add_argument("sources", nargs="+", metavar="SOURCE", type=_model_path,
                         help="a run directory; several run directories or exports: their ensemble")
     export.add_argument("--output", default="saved_models", help="export root (default: saved_models)")
-    export.add_argument("--version", type=int, help="version number (default: the next free one)")
+    export.add_argument("--version", type=_in_range(int, 1, 2**31 - 1),
+                        help="version number (default: the next free one)")
     export.add_argument("--force", action="store_true", help="replace an existing version")
     export.add_argument("--require-xla", action=argparse.BooleanOptionalAction, default=False,
                         help="mark the exported graph as XLA-compiled, which then needs XLA to run (default off: the "
@@ -405,11 +427,12 @@ def _add_serve(sub) -> None:
                        help="an export (SavedModel or TFLite; a folder of versions means the newest) or a run directory")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
-    serve.add_argument("--port", type=_positive_int, default=8501, help="port (default 8501, as TensorFlow Serving's REST)")
+    serve.add_argument("--port", type=_in_range(int, 1, 65535), default=8501,
+                       help="port (default 8501, as TensorFlow Serving's REST)")
     serve.add_argument("--model-name", help="the NAME in /v1/models/NAME (default: the task, e.g. merged)")
-    serve.add_argument("--max-batch-size", type=_positive_int, default=64,
+    serve.add_argument("--max-batch-size", type=_in_range(int, 1, 4096), default=64,
                        help="images of concurrent requests run as one batch, at most (default 64; 1: no batching)")
-    serve.add_argument("--batch-timeout-ms", type=float, default=2.0,
+    serve.add_argument("--batch-timeout-ms", type=_in_range(float, 0, 10_000), default=2.0,
                        help="how long a batch waits for more requests after its first (default 2 ms)")
     serve.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
                        help="compile the model with XLA in the server's process (default on; the export on disk "
@@ -424,8 +447,10 @@ def _add_bench(sub) -> None:
     bench = sub.add_parser("bench", help="throughput, latency and memory beside the PyTorch yardstick",
                            description="Synthetic data of EMNIST shape. PyTorch figures appear when torch is installed.")
     bench.add_argument("--tasks", nargs="+", default=["digit-letter", "merged"], help="presets to measure")
-    bench.add_argument("--steps", type=int, default=30, help="timed training steps per round (default 30)")
-    bench.add_argument("--rounds", type=int, default=2, help="Keras/PyTorch alternations; medians kept (default 2)")
+    bench.add_argument("--steps", type=_in_range(int, 1, 100_000), default=30,
+                       help="timed training steps per round (default 30)")
+    bench.add_argument("--rounds", type=_in_range(int, 1, 1000), default=2,
+                       help="Keras/PyTorch alternations; medians kept (default 2)")
     bench.add_argument("--baseline", default=DEFAULT_BASELINE,
                        help="the PyTorch yardstick script (default: benchmarks/seed_torch_lstm.py, the study's model; "
                             "PyTorch figures appear when torch is installed)")

@@ -12,6 +12,21 @@ import pytest
 from tf_emnist.tasks import BYMERGE_CHARS
 
 REAL_DATA_ENV = "TF_EMNIST_DATA_DIR"
+SAVED_MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "saved_models")
+
+
+def shipped_models() -> dict[str, str]:
+    """The shipped models (saved_models/shipped.json): "merged/6" -> its path. A user's own exports in
+    saved_models/ are not among them."""
+    import json
+
+    with open(os.path.join(SAVED_MODELS, "shipped.json")) as f:
+        return {name: os.path.join(SAVED_MODELS, name) for name in json.load(f)["models"]}
+
+
+def shipped(folder: str) -> str:
+    """The shipped model in a task folder, e.g. shipped("merged-tflite")."""
+    return next(path for name, path in shipped_models().items() if name.split("/")[0] == folder)
 
 
 def pytest_configure(config):

@@ -5,13 +5,12 @@ import shutil
 
 import pytest
 
-from tests.conftest import serving
-from tf_emnist.sources import newest_version
+from tests.conftest import serving, shipped
 
 pytestmark = pytest.mark.slow  # real processes and servers: the slow tier (make test-slow)
 
-# The newest shipped int8 TFLite model: ready at once (no XLA to compile).
-SHIPPED = newest_version(os.path.join(os.path.dirname(__file__), "..", "saved_models", "merged-tflite"))
+# The shipped int8 TFLite model: ready at once (no XLA to compile).
+SHIPPED = shipped("merged-tflite")
 
 
 @pytest.fixture(scope="module")

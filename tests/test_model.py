@@ -100,7 +100,7 @@ def test_scale_lr_scales_the_rate_with_the_batch(schedule):
 def test_invalid_config_values_are_named():
     with pytest.raises(ValueError, match="dropout must be in"):
         TrainConfig(dropout=1.5)
-    with pytest.raises(ValueError, match="hidden_dim must be >= 1"):
+    with pytest.raises(ValueError, match=r"hidden_dim must be in \[1, 4096\]"):
         TrainConfig(hidden_dim=0)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, shipped
 from tests.test_train import _bad_files
 from tf_emnist.export import export_model
 from tf_emnist.predict import read_inputs
@@ -77,7 +77,109 @@ def test_predict_cli_images_npy_and_bad_files(run_dir, tmp_path, capsys):
 
 def test_an_empty_npy_is_skipped_with_one_line(capsys, tmp_path):
     root = _bad_files(tmp_path)
-    assert run_cli("predict", os.path.join(os.path.dirname(__file__), "..", "saved_models", "merged-tflite"),
+    assert run_cli("predict", shipped("merged-tflite"),
                    root / "empty.npy") == 1
     err = capsys.readouterr().err.strip()
     assert "empty.npy: not a readable .npy file" in err and len(err.splitlines()) == 1, err
+
+
+def test_exif_orientation_turns_a_phone_photo_upright():
+    import io
+
+    upright = np.zeros((60, 40), np.uint8)
+    upright[5:20, 5:35] = 255  # a bar near the top: rotated, it would sit at a side
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # pixels as a phone stores them
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to view
+    buffer = io.BytesIO()
+    stored.save(buffer, "PNG", exif=exif)
+    from tf_emnist.predict import read_image
+
+    seen = read_image(buffer.getvalue(), "phone.png")
+    assert seen.shape == upright.shape
+    np.testing.assert_allclose(seen, upright, atol=1)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "P", "CMYK", "LA", "RGB"])
+def test_every_mode_and_bit_depth_reads_as_the_same_grey_levels(mode, tmp_path):
+    from tf_emnist.predict import read_image
+
+    grey = draw_glyph()
+    big = np.asarray(Image.fromarray(grey).resize((84, 84), Image.Resampling.BICUBIC))
+    if mode == "I;16":
+        image = Image.fromarray(big.astype(np.uint16) * 257)  # 16 bits: 0-65535
+    elif mode == "I":
+        image = Image.fromarray(big.astype(np.int32) * 257)
+    elif mode == "F":
+        image = Image.fromarray(big.astype(np.float32) / 255)
+    elif mode == "LA":
+        image = Image.fromarray(np.stack([big, np.full_like(big, 255)], -1), "LA")
+    else:
+        image = Image.fromarray(big).convert(mode)
+    assert image.mode == mode
+    path = tmp_path / ("image.tiff" if mode in ("I", "F", "CMYK") else "image.png")
+    image.save(path)
+    np.testing.assert_allclose(read_image(str(path)), big, atol=2)
+
+
+@pytest.fixture(scope="module")
+def digit_letter_run(tmp_path_factory):
+    from tests.conftest import write_nist_folder
+    from tf_emnist.config import TrainConfig
+    from tf_emnist.training import train
+
+    root = tmp_path_factory.mktemp("digit-letter")
+    config = TrainConfig(task="digit-letter", data_dir=write_nist_folder(root / "nist"), epochs=1, hidden_dim=8,
+                         num_layers=1, batch_size=32, jit_compile=False)
+    train(config, str(root / "run"), verbose=0)
+    return str(root / "run")
+
+
+def test_a_two_class_model_answers_with_its_defaults_and_spaces_its_class_names(digit_letter_run, tmp_path,
+                                                                               capsys):
+    line = np.full((60, 200), 255, np.uint8)
+    for x in (20, 80, 140):
+        line[15:45, x:x + 8] = 30  # three bars written apart
+    path = save_png(line, tmp_path / "line.png")
+    assert run_cli("predict", digit_letter_run, path, "--json") == 0  # the default top-k: both classes
+    answer = json.loads(capsys.readouterr().out)[0]
+    assert len(answer["top"]) == 2
+    assert run_cli("predict", digit_letter_run, path, "--json", "--segment") == 0
+    text = json.loads(capsys.readouterr().out)[0]["text"]
+    assert len(text.split(" ")) == 3 and set(text.split(" ")) <= {"digit", "letter"}
+    assert run_cli("predict", digit_letter_run, path, "--top-k", 3) == 2  # asked for: refused
+    assert "top k must be between 1 and 2, got 3" in capsys.readouterr().err
+
+
+def test_a_line_read_as_one_character_gets_a_note_suggesting_segment(run_dir, tmp_path, caplog):
+    line = np.full((60, 260), 255, np.uint8)
+    for x in (20, 80, 140, 200):
+        line[15:45, x:x + 8] = 30
+    path = save_png(line, tmp_path / "line.png")
+    assert run_cli("predict", run_dir, path) == 0
+    assert "looks like a line of 4 characters" in caplog.text and "--segment" in caplog.text
+    caplog.clear()
+    assert run_cli("predict", run_dir, save_png(draw_glyph(), tmp_path / "one.png")) == 0
+    assert "looks like a line" not in caplog.text
+
+
+@pytest.mark.parametrize("kind, record", [("tflite", True), ("tflite", False), ("savedmodel", True),
+                                          ("savedmodel", False)])
+def test_a_damaged_export_gets_one_line_everywhere_it_is_read(run_dir, tmp_path, capsys, kind, record):
+    """A truncated model.tflite crashed TFLite's interpreter; a truncated SavedModel gave a traceback."""
+    import shutil
+
+    path = export_model(run_dir, str(tmp_path / "models"), format=kind)
+    victim = os.path.join(path, "model.tflite" if kind == "tflite" else "variables/variables.data-00000-of-00001")
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    info = os.path.join(path, "assets.extra", "export.json")
+    if not record:  # an export written before tf-emnist recorded its files
+        json.dump({"format": kind}, open(info, "w"))
+    np.save(tmp_path / "x.npy", np.zeros((1, 28, 28), np.uint8))
+    for args in (["predict", path, tmp_path / "x.npy"], ["evaluate", path, "--output", tmp_path / "e"],
+                 ["export", path, run_dir, "--output", tmp_path / "again"], ["serve", path, "--port", 1]):
+        assert run_cli(*args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and ("damaged" in err or "not a valid TFLite model" in err), err
+    shutil.rmtree(tmp_path / "models")

@@ -97,13 +97,13 @@ def test_blank_and_huge_inputs_fail_fast_with_one_line():
 def test_photos_of_real_test_characters_read_within_five_points_of_scans(real_data_dir):
     from tf_emnist.config import TrainConfig
     from tf_emnist.data import load_split
-    from tf_emnist.sources import newest_version
+    from tests.conftest import shipped
     from tf_emnist.predict import Predictor
     from tf_emnist.tasks import get_task
 
     stored, labels = load_split(get_task("merged"), "test", TrainConfig(data_dir=real_data_dir, limit_test=300))
     upright = np.ascontiguousarray(stored.transpose(0, 2, 1))
-    predictor = Predictor(newest_version("saved_models/merged-tflite"))
+    predictor = Predictor(shipped("merged-tflite"))
     rng = np.random.default_rng(0)
     scans = np.mean(predictor(np.stack([preprocess(render_scan(c)) for c in upright]))["class_ids"] == labels)
     photos = np.mean(predictor(np.stack([preprocess(render_photo(c, rng)) for c in upright]))["class_ids"] == labels)

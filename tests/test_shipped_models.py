@@ -9,16 +9,27 @@ import os
 import numpy as np
 import pytest
 
+from tests.conftest import shipped_models
 from tf_emnist.tasks import get_task
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "saved_models")
-SHIPPED = {f"{task}/{version}": os.path.join(ROOT, task, version)  # e.g. "merged/1"
-           for task in sorted(os.listdir(ROOT)) if os.path.isdir(os.path.join(ROOT, task))
-           for version in sorted(os.listdir(os.path.join(ROOT, task))) if version.isdigit()}
+SHIPPED = shipped_models()  # saved_models/shipped.json: "merged/6" -> its path
 
 
 def test_one_merged_model_ships_in_each_format():
     assert sorted(name.split("/")[0] for name in SHIPPED) == ["merged", "merged-tflite"]
+    assert all(os.path.isdir(path) for path in SHIPPED.values())
+
+
+def test_every_model_git_tracks_in_saved_models_is_in_the_manifest():
+    """Exports of a user's own sit beside the shipped ones and are never taken for them."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tracked = subprocess.run(["git", "ls-files", "saved_models"], cwd=root, capture_output=True, text=True)
+    if tracked.returncode != 0 or not tracked.stdout:
+        pytest.skip("not a git checkout")
+    folders = {"/".join(p.split("/")[1:3]) for p in tracked.stdout.split() if p.count("/") >= 3}
+    assert folders == set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
@@ -36,10 +47,17 @@ def test_shipped_savedmodel_is_portable(name):
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_model_holds_no_path_of_the_machine_that_made_it(name):
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for k, v in value.items() for s in (k, *strings(v))]
+        return [s for v in value for s in strings(v)] if isinstance(value, list) else [value]
+
     for folder, _, files in os.walk(os.path.join(SHIPPED[name], "assets.extra")):
         for file in files:
             text = open(os.path.join(folder, file)).read()
-            assert os.sep not in text, f"{file} names a path"
+            found = strings(json.loads(text)) if file.endswith(".json") else text.split()
+            # names and paths inside the export only (its own files), nothing of the machine
+            assert not [s for s in found if isinstance(s, str) and (os.path.isabs(s) or ".." in s.split("/"))], file
 
 
 def task_of(name: str) -> str:

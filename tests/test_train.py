@@ -110,6 +110,48 @@ def test_interrupted_run_resumes_where_it_stopped(nist_dir, tmp_path, monkeypatc
     assert json.loads((run / "train_state.json").read_text())["finished"]
 
 
+def interrupted_run(nist_dir, run, monkeypatch, epochs=3):
+    """A run stopped by Ctrl-C in its second epoch, after the backup of its first (the CLI's arguments)."""
+    import keras
+
+    args = ["train", "--data-dir", nist_dir, "--output", run, "--epochs", epochs, "--no-evaluate", *TINY]
+    original = train_module._callbacks
+
+    class StopInEpoch2(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_callbacks", lambda *a: original(*a) + [StopInEpoch2()])
+    assert run_cli(*args) == 130
+    monkeypatch.setattr(train_module, "_callbacks", original)
+    return args
+
+
+@pytest.mark.parametrize("damage", ["metadata empty", "metadata truncated", "state truncated", "history torn",
+                                    "history deleted", "steps torn"])
+def test_a_damaged_file_of_a_run_is_rebuilt_or_skipped_and_the_run_resumes(nist_dir, tmp_path, monkeypatch, caplog,
+                                                                          damage):
+    run = tmp_path / "run"
+    args = interrupted_run(nist_dir, run, monkeypatch)
+    file = {"metadata": run / "backup" / "training_metadata.json", "state": run / "train_state.json",
+            "history": run / "history.csv", "steps": run / "steps.csv"}[damage.split()[0]]
+    if damage.endswith("empty"):
+        file.write_text("")
+    elif damage.endswith("truncated"):
+        file.write_text(file.read_text()[:len(file.read_text()) // 2])
+    elif damage.endswith("torn"):
+        with open(file, "a") as f:
+            f.write("1,0.0")  # a row cut short by a kill or a full disk
+    else:
+        file.unlink()
+    caplog.set_level(logging.WARNING, logger="tf_emnist")
+    assert run_cli(*args) == 0
+    assert file.name in caplog.text  # one warning names the file
+    assert [int(r["epoch"]) for r in read_history(str(run))] == [0, 1, 2]
+    assert json.loads((run / "train_state.json").read_text())["finished"]
+
+
 def test_output_dir_of_another_run_is_refused_and_kept(nist_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert run_cli("train", "--data-dir", nist_dir, "--output", run, "--epochs", 1, *TINY) == 0
@@ -143,6 +185,12 @@ def _bad_files(root):
     (root / "fake.zip").write_bytes(b"not a zip at all")
     (root / "empty.npy").write_bytes(b"")
     (root / "notes.txt").write_text("mine")
+    (root / "true_int.json").write_text('{"epochs": true}')
+    (root / "list_bool.json").write_text('{"bidirectional": [1]}')
+    (root / "nan.json").write_text('{"augment": NaN}')
+    (root / "space_inverted.json").write_text('{"hidden_dim": {"min": 300, "max": 100}}')
+    (root / "space_no_max.json").write_text('{"augment": {"min": 0.5}}')
+    (root / "space_huge.json").write_text('{"hidden_dim": [64, 100000000]}')
     return root
 
 
@@ -159,11 +207,40 @@ BAD_INPUTS = [  # (arguments, what the one line says, exit code); {root} is a fo
     (["tune", "--max-trials", "0"], "expected a positive integer, got 0", 2),
     (["tune", "--epochs", "0"], "epochs must be", 2),
     (["predict", "saved_models/merged", "x.png", "--top-k", "0"], "expected a positive integer, got 0", 2),
-    (["serve", "saved_models/merged", "--port", "0"], "expected a positive integer, got 0", 2),
+    (["serve", "saved_models/merged", "--port", "0"], "expected an integer from 1 to 65535, got 0", 2),
     (["train", "--data-dir", "{nist}", "--limit-train", "1"], "too few to hold out a validation split", 3),
-    (["train", "--data-dir", "{nist}", "--seed", "-1"], "seed must be >= 0", 2),
+    (["train", "--data-dir", "{nist}", "--seed", "-1"], "seed must be in [0, 4294967295]", 2),
     (["train", "--data-dir", "{nist}", "--output", "{root}/notes.txt"], "is a file, not a run directory", 2),
     (["export", "/nonexistent/run"], "is neither a tf-emnist run", 2),
+    # Values no one means: the same check for flags and files, before anything is written.
+    (["train", "--augment", "nan"], "augment: expected a finite number, got 'nan'", 2),
+    (["train", "--augment", "inf"], "augment: expected a finite number, got 'inf'", 2),
+    (["train", "--augment", "1e9"], "augment must be in [0, 5]", 2),
+    (["train", "--learning-rate", "inf"], "learning_rate: expected a finite number", 2),
+    (["train", "--learning-rate", "1e308"], "learning_rate must be in (0, 1]", 2),
+    (["train", "--clipnorm", "nan"], "clipnorm: expected a finite number", 2),
+    (["train", "--weight-decay", "1e9"], "weight_decay must be in [0, 1]", 2),
+    (["train", "--hidden-dim", "1000000000"], "hidden_dim must be in [1, 4096]", 2),
+    (["train", "--num-layers", "1000000"], "num_layers must be in [1, 16]", 2),
+    (["train", "--batch-size", "1000000000"], "batch_size must be in [1, 65536]", 2),
+    (["train", "--validation-seed", str(2**64)], "validation_seed must be in [0, 4294967295]", 2),
+    (["train", "--hidden-dim", "4096", "--num-layers", "16"], "the network would have about", 2),
+    (["train", "--config", "{root}/true_int.json"], "epochs: expected an integer, got True", 2),
+    (["train", "--config", "{root}/list_bool.json"], "bidirectional: expected true or false, got [1]", 2),
+    (["train", "--config", "{root}/nan.json"], "augment: expected a finite number", 2),
+    (["export", "/nonexistent/run", "--version", str(10**30)], "expected an integer from 1 to 2147483647", 2),
+    (["evaluate", "/nonexistent/run", "--tta", "1000000000"], "expected an integer from 1 to 64", 2),
+    (["bench", "--steps", "0"], "expected an integer from 1 to 100000, got 0", 2),
+    (["bench", "--steps", "-1"], "expected an integer from 1 to 100000, got -1", 2),
+    (["tune", "--connect-timeout", "nan"], "expected a number from 0 to 86400, got nan", 2),
+    (["tune", "--data-dir", "{nist}", "--space-file", "{root}/space_inverted.json"], "is empty (min > max)", 2),
+    (["tune", "--data-dir", "{nist}", "--space-file", "{root}/space_no_max.json"], "needs a min and a max", 2),
+    (["tune", "--data-dir", "{nist}", "--space-file", "{root}/space_huge.json"], "hidden_dim must be in [1, 4096]", 2),
+    (["serve", "saved_models/merged", "--port", "70000"], "expected an integer from 1 to 65535, got 70000", 2),
+    (["serve", "saved_models/merged", "--max-batch-size", "1000000000"], "expected an integer from 1 to 4096", 2),
+    (["serve", "saved_models/merged", "--batch-timeout-ms", "1e12"], "expected a number from 0 to 10000", 2),
+    (["serve", "saved_models/merged", "--batch-timeout-ms", "-1"], "expected a number from 0 to 10000", 2),
+    (["serve", "saved_models/merged", "--batch-timeout-ms", "nan"], "expected a number from 0 to 10000", 2),
 ]
 
 
@@ -471,6 +548,26 @@ def test_validation_then_ensemble_evaluation(nist_dir, tmp_path, capsys, monkeyp
     assert "needs --output DIR" in capsys.readouterr().err
 
 
+def test_evaluate_never_replaces_the_figures_of_another_run_or_other_models(nist_dir, tmp_path, capsys):
+    from tf_emnist.export import export_model
+
+    runs = []
+    for name in ("a", "b"):
+        runs.append(tmp_path / name)
+        assert run_cli("train", "--data-dir", nist_dir, "--output", runs[-1], "--epochs", 1, *TINY) == 0
+    before = (runs[1] / "metrics.json").read_bytes()
+    export = export_model(str(runs[0]), str(tmp_path / "models"))
+    assert run_cli("evaluate", export, "--output", runs[1], "--data-dir", nist_dir) == 2  # another run's folder
+    assert "holds a run or a model" in capsys.readouterr().err
+    assert (runs[1] / "metrics.json").read_bytes() == before
+    out = tmp_path / "figures"
+    assert run_cli("evaluate", export, "--output", out, "--data-dir", nist_dir) == 0
+    assert run_cli("evaluate", export, "--output", out, "--data-dir", nist_dir) == 0  # the same models again
+    assert run_cli("evaluate", *runs, "--output", out) == 2  # other models' figures there
+    assert "holds the figures of other models" in capsys.readouterr().err
+    assert run_cli("evaluate", runs[0], "--output", runs[0]) == 0  # a run's own folder, for its plain model
+
+
 def test_test_time_augmentation_is_seeded_and_averages_views(nist_dir, tmp_path, capsys):
     from tf_emnist.data import load_split, random_affine, to_model_input
     from tf_emnist.evaluate import predict_logits, softmax
@@ -521,6 +618,7 @@ def test_resume_replays_only_the_epochs_in_the_backup(tmp_path):
     assert _past_val_accuracy(str(tmp_path)) == []  # no backup: a fresh start
     (tmp_path / "backup").mkdir()
     # The epoch-2 row was written, but the run stopped before its backup: it is redone.
+    (tmp_path / "backup" / "latest.weights.h5").write_bytes(b"")
     (tmp_path / "backup" / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
     assert _past_val_accuracy(str(tmp_path)) == [0.5, 0.6]
 

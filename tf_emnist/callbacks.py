@@ -16,8 +16,8 @@ import time
 import keras
 import numpy as np
 
-from tf_emnist.files import read_json, write_csv, write_json
-from tf_emnist.runs import MODEL, NEW_STATE, STATE, STEPS, read_csv
+from tf_emnist.files import atomic_path, read_json, write_csv, write_json
+from tf_emnist.runs import HISTORY, MODEL, STATE, STEPS, backups, read_csv, read_state
 
 log = logging.getLogger("tf_emnist")
 
@@ -28,7 +28,7 @@ class RunProgress:
     def __init__(self, run_dir: str, writes: bool = True):
         self.run_dir, self.writes = run_dir, writes
         self.path = os.path.join(run_dir, STATE)
-        self.state = read_json(self.path) if os.path.exists(self.path) else dict(NEW_STATE)
+        self.state = read_state(run_dir)
 
     def save(self) -> None:
         if self.writes:
@@ -52,7 +52,8 @@ class StepLossLogger(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.rows is None:  # this process's first epoch: drop rows an interrupted epoch left
-            self.rows = [r for r in read_csv(self.path) if int(r["step"]) <= epoch * self.steps_per_epoch]
+            self.rows = [r for r in read_csv(self.path, ("step", "loss", "best_loss"))
+                         if int(float(r["step"])) <= epoch * self.steps_per_epoch]
             self.best = self.progress.state.get("best_batch_loss") or math.inf
         self.epoch = epoch
 
@@ -119,8 +120,9 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     Each epoch's weights go to a temporary file first; the previous backup is kept (as
     `*.bkp`) until the new one is complete with its metadata. A backup that cannot be read
     is set aside with a one-line warning and the run resumes from the previous one (or, if
-    none is left, starts over), instead of failing on every rerun. Every process restores;
-    only the writing process saves, inside `saving` (a context: see tf_emnist.backend.local_only).
+    none is left, starts over), instead of failing on every rerun. Each backup keeps a copy of the
+    run's history.csv (tf_emnist.runs.repair_history). Every process restores; only the writing
+    process saves, inside `saving` (a context: see tf_emnist.backend.local_only).
     """
 
     def __init__(self, backup_dir: str, writes: bool = True, saving=contextlib.nullcontext):
@@ -132,21 +134,23 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                 (self._prev_weights_path, self._prev_training_metadata_path))
 
     def on_train_begin(self, logs=None):
-        for weights, metadata in self._pairs():
-            if not os.path.exists(weights) or not os.path.exists(metadata):
-                continue  # half a backup: its metadata was never written
+        for weights, epoch, seed_states, damaged in backups(os.path.dirname(self.backup_dir)):
+            if epoch is None:
+                log.warning("the backup's %s is unreadable; resuming from an earlier backup", damaged)
+                continue
             try:
-                saved = read_json(metadata)
-                epoch = int(saved["epoch"])
                 if self.model.optimizer is not None and not self.model.optimizer.built:
                     self.model.optimizer.build(self.model.trainable_variables)
                 self.model.load_weights(weights)
-                for state, value in zip(self._seed_states(), saved.get("seed_states", [])):
+                for state, value in zip(self._seed_states(), seed_states or []):
                     state.assign(np.asarray(value, dtype=state.dtype))
             except Exception as e:  # a truncated or corrupt file, whatever the reader raises
                 log.warning("the backup %s is unreadable (%s); resuming from an earlier one", weights,
                             e.__class__.__name__)
                 continue
+            if damaged:
+                log.warning("the backup's %s was damaged: rebuilt from its copy of history.csv (epoch %d; dropout's "
+                            "random draws start afresh)", damaged, epoch)
             self.model._initial_epoch = epoch
             return
         if any(os.path.exists(path) for pair in self._pairs() for path in pair):
@@ -168,6 +172,11 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             os.replace(meta, prev_meta)
             os.replace(latest, prev)
         os.replace(tmp, latest)
+        history = os.path.join(os.path.dirname(self.backup_dir), HISTORY)
+        if os.path.exists(history):
+            with open(history, "rb") as f, atomic_path(os.path.join(self.backup_dir, HISTORY)) as copy:
+                with open(copy, "wb") as out:
+                    out.write(f.read())
         write_json(meta, {"epoch": self._current_epoch, "batch": self._last_batch_seen,
                           "seed_states": [np.asarray(s.value).tolist() for s in self._seed_states()]})
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -98,48 +99,22 @@ class TrainConfig:
                "pair it with --lr-schedule cosine for a warm-up)")
 
     def __post_init__(self):
-        problems = []
-        for name in ("hidden_dim", "num_layers", "batch_size", "epochs", "log_every"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1")
-        for name in ("limit_train", "limit_test"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                problems.append(f"{name} must be >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append("dropout must be in [0, 1)")
-        if not 0.0 <= self.validation_split < 1.0:
-            problems.append("validation_split must be in [0, 1)")
+        problems = [problem for name in RANGES if (problem := out_of_range(name, getattr(self, name)))]
+        if not problems and parameter_bound(self) > MAX_PARAMETERS:
+            problems.append(f"the network would have about {parameter_bound(self) / 1e6:,.0f}M parameters (hidden_dim "
+                            f"{self.hidden_dim} x num_layers {self.num_layers}); at most {MAX_PARAMETERS / 1e6:.0f}M")
         if self.validation_split == 0 and self.patience:
             problems.append("patience needs validation images; without them (validation_split 0) give the epoch "
                             "count chosen on validation")
         if self.validation_split == 0 and self.lr_schedule == "plateau" and not self.refit:
             problems.append("the plateau schedule needs validation images; refit a validation run with --refit RUN "
                             "(it replays the run's learning rates), or choose another --lr-schedule")
-        if not self.learning_rate > 0:
-            problems.append("learning_rate must be > 0")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            problems.append("label_smoothing must be in [0, 1)")
-        for name in ("augment", "weight_decay", "clipnorm"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0")
         if self.lr_schedule not in LR_SCHEDULES:
             problems.append(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
-        if not 0.0 <= self.ema < 1.0:
-            problems.append("ema must be in [0, 1)")
-        if self.patience < 0:
-            problems.append("patience must be >= 0")
-        if not self.distill_temperature > 0:
-            problems.append("distill_temperature must be > 0")
-        if not 0.0 <= self.distill_alpha <= 1.0:
-            problems.append("distill_alpha must be in [0, 1]")
         if self.distill_online and not self.teacher:
             problems.append("distill_online needs a teacher (--teacher)")
         if self.teacher and self.fine_labels:
             problems.append("teacher and fine_labels cannot be combined (the teacher answers the task's classes)")
-        for name in ("seed", "validation_seed"):
-            if (getattr(self, name) or 0) < 0:
-                problems.append(f"{name} must be >= 0 (numpy seeds are non-negative)")
         if self.bf16_gradients and self.lstm_kernel is False:
             problems.append("bf16_gradients needs the LSTM kernel (drop --no-lstm-kernel or --bf16-gradients)")
         if self.backend is not None and self.backend not in BACKENDS:
@@ -159,6 +134,46 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+# The values a setting may take, as (lowest, highest, brackets): "[)" includes the lowest and not the
+# highest. Wider values mean nothing (a 10-degree rotation at augment 1 is already a strong one) or
+# cannot run (a network too large for memory), and are refused in one line, from flags and files alike.
+RANGES = {
+    "hidden_dim": (1, 4096, "[]"), "num_layers": (1, 16, "[]"), "batch_size": (1, 65536, "[]"),
+    "epochs": (1, 10_000, "[]"), "log_every": (1, 10**9, "[]"), "patience": (0, 10_000, "[]"),
+    "limit_train": (1, 10**9, "[]"), "limit_test": (1, 10**9, "[]"),
+    "dropout": (0, 1, "[)"), "validation_split": (0, 1, "[)"), "label_smoothing": (0, 1, "[)"), "ema": (0, 1, "[)"),
+    "learning_rate": (0, 1, "(]"), "augment": (0, 5, "[]"), "weight_decay": (0, 1, "[]"), "clipnorm": (0, 10**6, "[]"),
+    "distill_temperature": (0, 100, "(]"), "distill_alpha": (0, 1, "[]"),
+    "seed": (0, 2**32 - 1, "[]"), "validation_seed": (0, 2**32 - 1, "[]"),
+}
+MAX_PARAMETERS = 100_000_000  # 0.4 GB of float32 weights, 1.6 GB with Adam's moments and the gradients
+LARGEST_TASK = 62  # classes of EMNIST ByClass: the size check holds for every task
+
+
+def out_of_range(name: str, value) -> str | None:
+    """What is wrong with `value` for setting `name` (see RANGES), or None."""
+    if value is None:
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{name} must be a finite number, not {value}"
+    low, high, brackets = RANGES[name]
+    below = value < low or (brackets[0] == "(" and value == low)
+    above = value > high or (brackets[1] == ")" and value == high)
+    if below or above:
+        return f"{name} must be in {brackets[0]}{low}, {high}{brackets[1]}"
+    return None
+
+
+def parameter_bound(config: "TrainConfig") -> int:
+    """The network's parameters for the task with the most classes (tf_emnist.model.expected_parameter_count)."""
+    directions = 2 if config.bidirectional else 1
+    width, total = 28, 0
+    for _ in range(config.num_layers):
+        total += directions * 4 * (config.hidden_dim * (width + config.hidden_dim) + config.hidden_dim)
+        width = directions * config.hidden_dim
+    return total + (width + 1) * LARGEST_TASK
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -184,19 +199,25 @@ def coerce(name: str, value: Any) -> Any:
         return None
     kind = {"int": int, "float": float, "str": str, "bool": bool}[FIELDS[name].type.split(" |")[0]]
     if kind is bool:
-        if isinstance(value, str):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"{name}: expected true or false, got {value!r}")
-        return bool(value)
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    if isinstance(value, (bool, list, dict)) or (kind is str and not isinstance(value, str)):
+        raise ValueError(f"{name}: expected {_KIND_WORDS[kind]}, got {value!r}")  # JSON true is no number
     if kind is int and isinstance(value, float) and not value.is_integer():
         raise ValueError(f"{name}: expected an integer, got {value!r}")
     try:
-        return kind(value)
-    except (TypeError, ValueError):
+        converted = kind(value)
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{name}: expected {kind.__name__}, got {value!r}") from None
+    if kind is float and not math.isfinite(converted):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return converted
+
+
+_KIND_WORDS = {int: "an integer", float: "a number", str: "a text"}
 
 
 def config_from_dict(values: dict, source: str) -> "TrainConfig":

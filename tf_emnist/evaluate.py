@@ -7,8 +7,8 @@ import os
 import numpy as np
 
 from tf_emnist.data import TTA_STRENGTH
-from tf_emnist.files import read_json, save_figure, write_json
-from tf_emnist.runs import STATE
+from tf_emnist.files import read_json_object, save_figure, write_json
+from tf_emnist.runs import CONFIG, STATE, read_state
 from tf_emnist.sources import ensemble_logits, predict_logits, softmax
 from tf_emnist.tasks import Task
 
@@ -96,6 +96,7 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
     sources = [load_source(os.fspath(r)) for r in run_dirs]
     plain_run = len(sources) == 1 and tta == 1 and sources[0].run_dir is not None
     _check_outputs(sources, output, plain_run, allow_unfinished)
+    _check_output_folder(output, sources, plain_run, split)
     for source in sources:
         source.check_tta(tta)
     images, labels = _split_images(sources, split, limit_test, data_dir)
@@ -110,7 +111,8 @@ def evaluate_runs(run_dirs, *, split: str = "test", output: str | os.PathLike | 
         logits.append(cache[key])
     metrics = compute_metrics(sources[0].task, ensemble_logits(logits, [s.members for s in sources]), labels, split)
     if plain_run and os.path.exists(os.path.join(sources[0].run_dir, STATE)):
-        metrics.update({k: v for k, v in read_json(os.path.join(sources[0].run_dir, STATE)).items() if k != "finished"})
+        metrics.update({k: v for k, v in read_state(sources[0].run_dir).items() if k != "finished"})
+    metrics["models"] = [source.identity for source in sources]
     if len(sources) > 1:
         metrics["ensemble"] = [os.path.abspath(r) for r in run_dirs]
     if tta > 1:
@@ -132,6 +134,27 @@ def _check_outputs(sources, output, plain_run: bool, allow_unfinished: bool) -> 
                              "command, or pass --allow-unfinished (with --output) to evaluate its best epoch so far")
         if output is None:
             raise ValueError("--allow-unfinished needs --output DIR, so that the unfinished run stays resumable")
+
+
+def _check_output_folder(output, sources, plain_run: bool, split: str) -> None:
+    """Refuse, in one line, an --output that holds another run, a model, or the figures of other models:
+    they would be replaced."""
+    from tf_emnist.sources import is_model
+
+    if output is None:
+        return
+    output = os.path.abspath(os.fspath(output))
+    if plain_run and output == os.path.abspath(sources[0].run_dir):
+        return
+    if os.path.exists(os.path.join(output, CONFIG)) or is_model(output):
+        raise ValueError(f"--output {output} holds a run or a model, whose own figures would be replaced; "
+                         "pass a new folder")
+    figures = os.path.join(output, "metrics.json" if split == "test" else "validation_metrics.json")
+    if os.path.exists(figures):
+        recorded = read_json_object(figures, "the folder's figures").get("models")
+        if recorded != [source.identity for source in sources]:
+            raise ValueError(f"--output {output} holds the figures of other models ({os.path.basename(figures)}); "
+                             "pass a new folder, or the models they are of")
 
 
 DATA_KEYS = ("data_dir", "tfds_dir", "validation_split", "split_seed", "limit_train", "upright")

@@ -9,8 +9,9 @@ import shutil
 import tempfile
 
 from tf_emnist.config import TrainConfig
-from tf_emnist.files import exchange_paths, pid_alive, read_json, remove_stale_temporaries, write_json
-from tf_emnist.sources import ENSEMBLE, EXTRA, TFLITE_FILE, ModelSource, load_source
+from tf_emnist.files import (exchange_paths, file_digests, pid_alive, read_json, remove_stale_temporaries,
+                             write_json)
+from tf_emnist.sources import ENSEMBLE, EXPORT_INFO, EXTRA, TFLITE_FILE, ModelSource, load_source
 from tf_emnist.tasks import Task
 
 log = logging.getLogger("tf_emnist")
@@ -19,7 +20,6 @@ FORMATS = ("savedmodel", "tflite")
 # TFLite post-training quantization: "dynamic" stores the weights in int8 and quantizes the
 # activations batch by batch (int8 matmuls); "float16" halves the file and computes in float32.
 QUANTIZATIONS = ("none", "dynamic", "float16")
-EXPORT_INFO = "export.json"  # in EXTRA: the format and quantization of the export
 CLAIM = ".claim"  # task_dir/.<version>.claim: a running export holds this version (its pid inside)
 # The SavedModel's endpoints -> whether they take images in the NIST/tfds stored orientation.
 # Keras's ExportArchive writes the endpoint `serve` as the signature serving_default.
@@ -181,8 +181,10 @@ def _write_extra(folder: str, source: ModelSource, paths: list[str], format: str
     os.makedirs(extra, exist_ok=True)
     configs = [portable_config(config) for config in source.configs]
     write_json(os.path.join(extra, "config.json"), configs[0])
+    # The model's files by size and sha256: a reader tells a truncated or damaged file from a good one.
     write_json(os.path.join(extra, EXPORT_INFO), {"format": format,
-                                                   **({"quantize": quantize} if format == "tflite" else {})})
+                                                   **({"quantize": quantize} if format == "tflite" else {}),
+                                                   "files": file_digests(folder, skip=(EXTRA,))})
     if len(configs) > 1:
         write_json(os.path.join(extra, ENSEMBLE), {"members": configs,
                                                    "sources": [os.path.basename(os.path.normpath(p)) for p in paths]})

@@ -117,6 +117,35 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def file_digests(folder: str | os.PathLike, skip: tuple[str, ...] = ()) -> dict:
+    """Every file under `folder` but the top-level names in `skip`: relative path -> its bytes and sha256."""
+    folder = os.fspath(folder)
+    digests = {}
+    for root, dirs, files in os.walk(folder):
+        if root == folder:
+            dirs[:] = [d for d in dirs if d not in skip]
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if root == folder and name in skip:
+                continue
+            digests[os.path.relpath(path, folder)] = {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+    return dict(sorted(digests.items()))
+
+
+def damaged_files(folder: str | os.PathLike, recorded: dict) -> list[str]:
+    """The files of `recorded` (see file_digests) that are missing from `folder` or differ, each in words."""
+    problems = []
+    for name, expected in recorded.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            problems.append(f"{name} is missing")
+        elif os.path.getsize(path) != expected["bytes"]:
+            problems.append(f"{name} holds {os.path.getsize(path):,} bytes, not the {expected['bytes']:,} written")
+        elif sha256_file(path) != expected["sha256"]:
+            problems.append(f"{name} differs from the file written (sha256)")
+    return problems
+
+
 def read_json(path: str | os.PathLike):
     with open(path) as f:
         return json.load(f)

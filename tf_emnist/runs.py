@@ -6,18 +6,25 @@ import csv
 import datetime
 import glob
 import json
+import logging
 import os
 import time
 
 from tf_emnist.config import AUTOMATIC, TrainConfig, config_from_dict
-from tf_emnist.files import pid_alive, read_json, read_json_object, write_json
+from tf_emnist.files import pid_alive, read_json, read_json_object, write_csv, write_json
 from tf_emnist.tasks import get_task
 
 CONFIG, STATE, STEPS, HISTORY, MODEL = "config.json", "train_state.json", "steps.csv", "history.csv", "model.keras"
 BACKUP, LOCK = "backup", "run.lock"
+# The backup's files (Keras's BackupAndRestore, double_checkpoint), newest first: (weights, metadata).
+BACKUP_FILES = (("latest.weights.h5", "training_metadata.json"),
+                ("latest.weights.h5.bkp", "training_metadata.json.bkp"))
 INIT = "init.json"  # the model a run started from (--init-from): its path and sha256
 NEW_STATE = {"best_val_accuracy": None, "best_epoch": None, "best_batch_loss": None, "train_seconds": 0.0,
               "finished": False}
+
+
+log = logging.getLogger("tf_emnist")
 
 
 class RunDirError(ValueError):
@@ -56,6 +63,7 @@ def check_run_dir(run_dir: str, config: TrainConfig) -> bool:
         raise RunDirError(f"{run_dir} is a file, not a run directory; pass a new --output")
     config_path = os.path.join(run_dir, CONFIG)
     if os.path.exists(config_path):
+        read_json_object(config_path, "the run's settings")  # damaged: one line naming the file
         if not _same_config(run_dir, config):
             raise RunDirError(
                 f"{run_dir} holds another run (its config.json differs); pass a new --output, or rerun with that run's settings to resume it"
@@ -104,19 +112,115 @@ def run_lock(run_dir: str):
             os.remove(path)
 
 
-def read_csv(path: str) -> list[dict]:
+def read_csv(path: str, numeric: tuple[str, ...] = ()) -> list[dict]:
+    """A CSV file's rows; rows a kill or a full disk cut short (fields missing, `numeric` columns that do not
+    parse) are left out, with one warning that names the file."""
+    rows, damaged = _csv_rows(path, numeric)
+    if damaged:
+        log.warning("%s: %d damaged row(s) left out (a write was cut short)", path, damaged)
+    return rows
+
+
+def _csv_rows(path: str, numeric: tuple[str, ...] = ()) -> tuple[list[dict], int]:
     if not os.path.exists(path):
-        return []
+        return [], 0
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    good = [row for row in rows if None not in row and None not in row.values()
+            and all(_number(row.get(name)) is not None for name in numeric)]
+    return good, len(rows) - len(good)
+
+
+def _number(text):
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
 
 
 def read_history(run_dir: str) -> list[dict]:
     """history.csv, one row per epoch (a row repeated by a resume keeps its last copy). Keras's CSVLogger
     writes NA where an epoch has no figure (the validation columns of a refit); those are left out."""
-    by_epoch = {int(r["epoch"]): {k: v for k, v in r.items() if v != "NA"}
-                for r in read_csv(os.path.join(run_dir, HISTORY))}
+    by_epoch = {int(float(r["epoch"])): {k: v for k, v in r.items() if v != "NA"}
+                for r in read_csv(os.path.join(run_dir, HISTORY), ("epoch",))}
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def backups(run_dir: str):
+    """The run's backups a resume can start from, newest first: (weights file, epochs done, dropout's random
+    state or None, the damaged metadata file or None). A damaged metadata file of the newest backup is
+    rebuilt from the backup's copy of history.csv (one row an epoch); the random state is then lost."""
+    folder = os.path.join(run_dir, BACKUP)
+    for weights, metadata in BACKUP_FILES:
+        weights, metadata = os.path.join(folder, weights), os.path.join(folder, metadata)
+        if not os.path.exists(weights):
+            continue
+        try:
+            saved = read_json(metadata)
+            yield weights, int(saved["epoch"]), saved.get("seed_states"), None
+            continue
+        except FileNotFoundError:
+            pass  # half a backup: its metadata was never written
+        except (OSError, ValueError, KeyError, TypeError):
+            copy, damaged = _csv_rows(os.path.join(folder, HISTORY), ("epoch",))
+            if metadata.endswith(BACKUP_FILES[0][1]) and copy and not damaged:
+                yield weights, len(copy), None, metadata
+                continue
+        if os.path.exists(metadata):
+            yield weights, None, None, metadata  # unreadable and not rebuilt: skipped by its reader
+
+
+def backup_epoch(run_dir: str) -> int:
+    """The epochs a resume of run_dir will not redo (its first usable backup's, see `backups`); 0 for none."""
+    return next((epoch for _, epoch, _, _ in backups(run_dir) if epoch is not None), 0)
+
+
+def read_state(run_dir: str) -> dict:
+    """train_state.json. A damaged one is rebuilt from what the run still holds (history.csv, its model,
+    its backup), with one warning that names it; a run without one starts afresh."""
+    path = os.path.join(run_dir, STATE)
+    if not os.path.exists(path):
+        return dict(NEW_STATE)
+    try:
+        state = read_json(path)
+        if isinstance(state, dict):
+            return {**NEW_STATE, **state}
+    except (OSError, ValueError):
+        pass
+    history = read_history(run_dir)
+    accuracies = [float(r["val_accuracy"]) for r in history if "val_accuracy" in r]
+    best = max(range(len(accuracies)), key=accuracies.__getitem__) if accuracies else None
+    # A finished run has its model and no backup any more (training deletes it at the end).
+    finished = bool(history) and os.path.exists(os.path.join(run_dir, MODEL)) and not backup_epoch(run_dir)
+    log.warning("%s is damaged: rebuilt from history.csv (best epoch %s; the training time restarts at 0)", path,
+                None if best is None else best + 1)
+    return {**NEW_STATE, "finished": finished, "best_epoch": None if best is None else best + 1,
+            "best_val_accuracy": None if best is None else accuracies[best]}
+
+
+def repair_history(run_dir: str) -> None:
+    """A resumed run's history.csv made whole before training appends to it: rows cut short are dropped,
+    and epochs a damaged or deleted file lost come back from the backup's copy; one warning names the file."""
+    path, done = os.path.join(run_dir, HISTORY), backup_epoch(run_dir)
+    rows, damaged = _csv_rows(path, ("epoch",))
+    rows = [r for r in rows if int(float(r["epoch"])) < done]
+    if len({r["epoch"] for r in rows}) < done:
+        copy = [r for r in _csv_rows(os.path.join(run_dir, BACKUP, HISTORY), ("epoch",))[0]
+                if int(float(r["epoch"])) < done]
+        if len(copy) < done:
+            log.warning("%s lacks some of epochs 1-%d, and the backup holds no copy of them: they are gone from the "
+                        "history and the plots", path, done)
+        else:
+            log.warning("%s lacked some of epochs 1-%d: restored from the backup's copy", path, done)
+            rows = copy
+    elif damaged:
+        log.warning("%s: %d damaged row(s) left out (a write was cut short)", path, damaged)
+    else:
+        return
+    if rows:
+        write_csv(path, rows)
+    else:
+        os.remove(path)
 
 
 def load_run(run_dir: str):
@@ -153,7 +257,7 @@ def environment(processes: int = 1) -> dict:
 def record_environment(run_dir: str, processes: int = 1) -> None:
     """train_state.json's `environments`: one entry per start of the run (a resume adds one)."""
     path = os.path.join(run_dir, STATE)
-    state = read_json(path) if os.path.exists(path) else dict(NEW_STATE)
+    state = read_state(run_dir)
     state["environments"] = [*state.get("environments", []), environment(processes)]
     write_json(path, state)
 

@@ -16,11 +16,12 @@ import numpy as np
 
 from tf_emnist.config import TrainConfig, config_from_dict
 from tf_emnist.data import TTA_STRENGTH
-from tf_emnist.files import read_json, read_json_object
+from tf_emnist.files import damaged_files, read_json, read_json_object
 from tf_emnist.tasks import Task, get_task
 
 EXTRA = "assets.extra"  # an export's files beside the model: config.json, labels.txt, export.json, metrics.json
 ENSEMBLE = "ensemble.json"  # in EXTRA: the config of each model an exported ensemble averages
+EXPORT_INFO = "export.json"  # in EXTRA: the format, the quantization, and the model's files by size and sha256
 TFLITE_FILE = "model.tflite"
 SAVED_MODEL_FILE = "saved_model.pb"
 KERAS_FILE = "model.keras"  # a run directory's model (tf_emnist.runs.MODEL)
@@ -214,10 +215,9 @@ class RunSource(ModelSource):
 
     @property
     def finished(self) -> bool:
-        from tf_emnist.runs import STATE
+        from tf_emnist.runs import read_state
 
-        state = os.path.join(self.path, STATE)
-        return os.path.exists(state) and bool(read_json(state).get("finished"))
+        return bool(read_state(self.path)["finished"])
 
     def check_tta(self, tta: int) -> None:
         pass
@@ -261,6 +261,20 @@ class ExportSource(ModelSource):
         super().__init__(path, get_task(configs[0].task), configs)
         figures = os.path.join(extra, "metrics.json")
         self._metrics = read_json(figures) if os.path.isfile(figures) else {}
+        self._check_files()
+
+    def _check_files(self) -> None:
+        """A one-line error for a model file that is not what the export wrote (truncated, damaged), before
+        any runtime reads it: a truncated TFLite file crashes its interpreter."""
+        info = os.path.join(self.path, EXTRA, EXPORT_INFO)
+        recorded = read_json_object(info, "the export's record").get("files", {}) if os.path.isfile(info) else {}
+        problems = damaged_files(self.path, recorded)
+        for name in self.model_files(self.path):
+            relative = os.path.relpath(name, self.path)
+            if relative not in recorded and not os.path.isfile(name):
+                problems.append(f"{relative} is missing")
+        if problems:
+            raise SourceError(f"{self.path} is damaged: {problems[0]}; export it again, or restore it from a copy")
 
     @property
     def metrics(self) -> dict:
@@ -280,7 +294,12 @@ class SavedModelSource(ExportSource):
 
     def __init__(self, path: str):
         super().__init__(path)
-        self.saved_model = _tensorflow(self).saved_model.load(path)
+        tf = _tensorflow(self)
+        try:
+            self.saved_model = tf.saved_model.load(path)
+        except Exception as e:  # damaged files, whatever TensorFlow's reader raises (an export's record finds most first)
+            raise SourceError(f"{path} cannot be loaded ({e.__class__.__name__}): its files are damaged; export it "
+                              "again, or restore it from a copy") from None
 
     def serving_function(self, stored_orientation: bool = False, xla: bool = False):
         return self.saved_model.signatures["serve_stored" if stored_orientation else "serving_default"]
@@ -319,17 +338,27 @@ class TFLiteSource(ExportSource):
 
 
 def load_tflite_signature(path: str | os.PathLike, num_threads: int | None = None):
-    """The serving_default signature of a TFLite export: runner(images=uint8 [N, 28, 28]) -> dict of arrays."""
+    """The serving_default signature of a TFLite export: runner(images=uint8 [N, 28, 28]) -> dict of arrays.
+
+    The interpreter reads the file's bytes, which it verifies as a flatbuffer first: given the
+    file's path instead, it crashes the process on a truncated file.
+    """
     import warnings
 
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         Interpreter = _tensorflow(path).lite.Interpreter
+    with open(os.path.join(path, TFLITE_FILE), "rb") as f:
+        content = f.read()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
-        interpreter = Interpreter(model_path=os.path.join(path, TFLITE_FILE), num_threads=num_threads or os.cpu_count())
-    return interpreter.get_signature_runner("serving_default")
+        try:
+            interpreter = Interpreter(model_content=content, num_threads=num_threads or os.cpu_count())
+            return interpreter.get_signature_runner("serving_default")
+        except ValueError as e:
+            raise SourceError(f"{path}/{TFLITE_FILE} is not a valid TFLite model ({e}); export it again, or "
+                              "restore it from a copy") from None
 
 
 def _tensorflow(what):

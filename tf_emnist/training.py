@@ -12,8 +12,9 @@ import numpy as np
 from tf_emnist.backend import Cluster
 from tf_emnist.config import AUTOMATIC, TrainConfig, config_from_dict
 from tf_emnist.files import read_json, save_figure, sha256_file, write_json
-from tf_emnist.runs import (BACKUP, CONFIG, HISTORY, INIT, MODEL, STATE, STEPS, RunDirError, check_run_dir, read_csv,
-                            read_history, record_environment, run_lock)
+from tf_emnist.runs import (BACKUP, CONFIG, HISTORY, INIT, MODEL, STATE, STEPS, RunDirError, backup_epoch,
+                            check_run_dir, read_csv, read_history, read_state, record_environment, repair_history,
+                            run_lock)
 from tf_emnist.tasks import Task, get_task
 
 log = logging.getLogger("tf_emnist")
@@ -90,8 +91,7 @@ def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, save_mod
 def _past_val_accuracy(run_dir: str, recorded: list[float] | None = None) -> list[float]:
     """Validation accuracy of the epochs a resumed run will not redo (those in its backup); for a
     refit, the `recorded` accuracy of the run it refits."""
-    metadata = os.path.join(run_dir, BACKUP, "training_metadata.json")
-    finished = read_json(metadata).get("epoch", 0) if os.path.exists(metadata) else 0
+    finished = backup_epoch(run_dir)
     if recorded is not None:
         return recorded[:finished]
     return [float(r["val_accuracy"]) for r in read_history(run_dir) if int(r["epoch"]) < finished]
@@ -166,8 +166,7 @@ def _start(config: TrainConfig, task: Task, run_dir: str, evaluate: bool, held: 
     The lock is held until `held` closes.
     """
     check_run_dir(run_dir, config)
-    state_path = os.path.join(run_dir, STATE)
-    if os.path.exists(state_path) and read_json(state_path).get("finished"):
+    if read_state(run_dir)["finished"]:
         return FINISHED, config, None, None
     if config.fine_labels and task.class_of_source is None:
         raise ValueError(f"--fine-labels needs a task that groups a split's classes (digit-letter); "
@@ -185,6 +184,8 @@ def _start(config: TrainConfig, task: Task, run_dir: str, evaluate: bool, held: 
     os.makedirs(run_dir, exist_ok=True)
     held.enter_context(run_lock(run_dir))
     config, resuming = _settle_config(config, run_dir)
+    if resuming:
+        repair_history(run_dir)
     record_environment(run_dir, processes)
     log.info("%s the run in %s", "resuming" if resuming else "starting", run_dir)
     return GO, config, start, data
@@ -321,7 +322,7 @@ def _fit(config: TrainConfig, task: Task, run_dir: str, data, verbose: int, clus
         fit_model(model, config, train_batches, val_batches, verbose=verbose,
                   callbacks=_callbacks(run_dir, config, len(train_batches), save, cluster.writes, devices.saving))
     if cluster.writes:
-        state = read_json(os.path.join(run_dir, STATE))
+        state = read_state(run_dir)
         state.update(finished=True, train_examples=int(len(train_idx)), validation_examples=int(len(val_idx)))
         write_json(os.path.join(run_dir, STATE), state)
 
@@ -346,7 +347,7 @@ def _finish(run_dir: str, evaluate: bool, cluster: Cluster) -> dict | None:
         return None
     write_training_plots(run_dir)
     if not evaluate:
-        return read_json(os.path.join(run_dir, STATE))
+        return read_state(run_dir)
     from tf_emnist.evaluate import evaluate_run
 
     if cluster.distributed:
@@ -364,7 +365,8 @@ def _read_result(run_dir: str, evaluate: bool) -> dict:
 def write_training_plots(run_dir: str) -> None:
     from tf_emnist.plots import plot_epochs, plot_step_loss
 
-    steps = [{k: float(v) for k, v in r.items()} for r in read_csv(os.path.join(run_dir, STEPS))]
+    steps = [{k: float(r[k]) for k in ("step", "loss", "best_loss")}
+             for r in read_csv(os.path.join(run_dir, STEPS), ("step", "loss", "best_loss"))]
     if steps:
         save_figure(plot_step_loss(steps), os.path.join(run_dir, "loss_steps.png"))
     history = read_history(run_dir)

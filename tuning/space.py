@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from tf_emnist.config import FIELDS, HYPERPARAMETERS, coerce
+from tf_emnist.config import FIELDS, HYPERPARAMETERS, RANGES, coerce, out_of_range
 from tf_emnist.files import read_json_object
 
 # Names are TrainConfig's (and the CLI flags'): one name per hyperparameter everywhere.
@@ -70,20 +70,31 @@ def resolve_space(overrides: dict[str, dict], fixed: dict | None = None) -> dict
     return space
 
 
+def _value(name: str, value):
+    """A value of the space, typed and checked as a train setting is (tf_emnist.config)."""
+    value = coerce(name, value)
+    problem = out_of_range(name, value) if name in RANGES else None
+    if problem:
+        raise ValueError(f"search space: {problem}")
+    return value
+
+
 def _check(name: str, spec: dict) -> dict:
     kind = spec["type"]
     if kind == "fixed":
-        return {"type": "fixed", "value": coerce(name, spec["value"])}
+        return {"type": "fixed", "value": _value(name, spec["value"])}
     if kind == "boolean":
         return spec
     if kind == "choice":
-        values = [coerce(name, v) for v in spec.get("values", [])]
+        values = [_value(name, v) for v in spec.get("values", [])]
         if not values:
             raise ValueError(f"search space: {name} has an empty list of choices")
         return {"type": "choice", "values": sorted(set(values), key=values.index)}
     if kind not in ("int", "float"):
         raise ValueError(f"search space: {name} has unknown type {kind!r} (int, float, choice, boolean, fixed)")
-    low, high = coerce(name, spec["min"]), coerce(name, spec["max"])
+    if "min" not in spec or "max" not in spec:
+        raise ValueError(f"search space: {name} needs a min and a max (or a list of choices, or one value)")
+    low, high = _value(name, spec["min"]), _value(name, spec["max"])
     if low > high:
         raise ValueError(f"search space: {name} range {low}:{high} is empty (min > max)")
     if spec.get("sampling") == "log" and low <= 0:
