@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import math
@@ -533,6 +532,7 @@ def main(argv=None) -> int:
     logging.getLogger("tf_emnist").setLevel(logging.WARNING if args.quiet else args.log_level.upper())
     debug = args.log_level == "debug"
     logging.getLogger("absl").setLevel(logging.DEBUG if debug else logging.ERROR)  # tfds's notes, e.g.
+    from tf_emnist.files import disk_full
     from tf_emnist.nist import DataError
     from tf_emnist.runs import RunDirError
 
@@ -552,12 +552,25 @@ def main(argv=None) -> int:
     except (ValueError, RunDirError, FileNotFoundError, FileExistsError, ConnectionError, RuntimeError) as e:
         print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    except OSError as e:  # permissions, a full disk, a read-only folder: what, where, and what to do
+    except OSError as e:  # permissions, a read-only folder: what, where, and what to do
+        if disk_full(e):
+            return _disk_full(parser.prog, args.command, e)
         where = f" ({e.filename})" if e.filename else ""
-        hint = "free some space" if e.errno == errno.ENOSPC else "check the path and its permissions"
-        print(f"{parser.prog} {args.command}: error: {e.strerror or e}{where}; {hint}, then rerun the same command",
-              file=sys.stderr)
+        message = e.strerror or " ".join(str(e).split())
+        print(f"{parser.prog} {args.command}: error: {message}{where}; check the path and its permissions, then "
+              "rerun the same command", file=sys.stderr)
         return EXIT_IO
+    except Exception as e:  # a full disk that a library (TensorFlow, h5py) reports as its own error
+        if disk_full(e):
+            return _disk_full(parser.prog, args.command, e)
+        raise
+
+
+def _disk_full(prog: str, command: str, error: BaseException) -> int:
+    where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+    print(f"{prog} {command}: error: no space left on device{where}; free some space, then rerun the same command "
+          "(nothing half-written is kept)", file=sys.stderr)
+    return EXIT_IO
 
 
 def run(argv=None) -> None:

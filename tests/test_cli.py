@@ -68,3 +68,26 @@ def test_a_wheel_installs_nothing_but_tf_emnist(tmp_path):
     assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {"tf_emnist"}
     assert "tf_emnist/cli/main.py" in names and "tf_emnist/tuning/search.py" in names
     assert "tf_emnist/static/index.html" in names
+
+
+@pytest.mark.slow
+def test_tensorflows_own_log_lines_show_only_at_debug():
+    """TensorFlow's C++ lines (oneDNN's notice; on a machine without a GPU, a failed CUDA start that reads
+    like an error) are no news to a user who did not ask for them."""
+    import subprocess
+    import sys
+
+    from tests.conftest import shipped
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    command = [sys.executable, "-m", "tf_emnist.cli.main"]
+    image = os.path.join(ROOT, "examples", "scan-A.png")
+    quiet = subprocess.run([*command, "-q", "predict", shipped("merged"), image], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert quiet.returncode == 0 and quiet.stdout.startswith(image) and quiet.stderr == "", quiet.stderr
+    plain = subprocess.run([*command, "predict", shipped("merged"), image], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert not [line for line in plain.stderr.splitlines() if line.startswith(("I0000", "W0000", "E0000"))]
+    debug = subprocess.run([*command, "--log-level", "debug", "predict", shipped("merged"), image],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert debug.returncode == 0 and debug.stdout == quiet.stdout

@@ -32,8 +32,10 @@ def server(export):
         yield url
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
-        # The app shut down cleanly (uvicorn then re-raises the signal, as a server should).
-        assert "stopped serving merged" in process.stdout.read()
+        # The app shut down cleanly (uvicorn then re-raises the signal, as a server should), and no request,
+        # however bad, left a traceback in its log.
+        log = process.stdout.read()
+        assert "stopped serving merged" in log and "Traceback" not in log, log[-3000:]
 
 
 def call(url: str, body: bytes | None = None, content_type: str = "application/json"):
@@ -161,6 +163,9 @@ BAD_REQUESTS = {
     "unknown version": ("/v1/models/merged/versions/7:predict",
                         json.dumps({"instances": [[[0] * 28] * 28]}).encode(), 404, "version served is 1"),
     "unknown path": ("/v2/anything", None, 404, "unknown path"),
+    "nested 100,000 deep": ("/v1/models/merged:predict", b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                            400, "not valid JSON"),
+    "GET for :predict": ("/v1/models/merged:predict", None, 405, "use POST"),
 }
 
 
@@ -191,6 +196,18 @@ def test_bad_uploads_get_a_json_error(server, case):
         assert expected_status == 413
     else:
         assert status == expected_status and message in answer["error"], answer
+    assert post_json(server + "/v1/models/merged:predict", {"instances": IMAGES[:1].tolist()})[0] == 200
+
+
+def test_a_client_that_leaves_mid_upload_costs_nothing(server):
+    import socket
+    from urllib.parse import urlsplit
+
+    body, content_type = multipart([("a.png", png_bytes(IMAGES[0]) * 100)])
+    address = urlsplit(server)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as client:
+        client.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                       f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:len(body) // 2])
     assert post_json(server + "/v1/models/merged:predict", {"instances": IMAGES[:1].tolist()})[0] == 200
 
 

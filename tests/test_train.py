@@ -152,6 +152,37 @@ def test_a_damaged_file_of_a_run_is_rebuilt_or_skipped_and_the_run_resumes(nist_
     assert json.loads((run / "train_state.json").read_text())["finished"]
 
 
+def test_a_stale_lock_is_taken_over_a_live_one_refused_and_none_is_left_behind(tmp_path):
+    import errno
+
+    from tf_emnist.runs import RunDirError, lock_owner, run_lock
+
+    lock, me = tmp_path / "run.lock", lock_owner()
+    # Its pid now runs another process (a reboot, pid reuse): the start time tells them apart.
+    lock.write_text(json.dumps({**lock_owner(os.getppid()), "started": 1}))
+    with run_lock(str(tmp_path)):
+        assert json.loads(lock.read_text()) == me
+    assert not lock.exists()
+    lock.write_text(json.dumps({**me, "boot": "a boot before this one"}))
+    with run_lock(str(tmp_path)):
+        pass
+    lock.write_text(str(2**22 + 12345))  # an older lock: a pid that runs nothing
+    with run_lock(str(tmp_path)):
+        pass
+    # A live owner, whatever its clock said: refused, and its lock kept.
+    lock.write_text(json.dumps(lock_owner(os.getppid())))
+    with pytest.raises(RunDirError, match=f"being trained by another process \\(pid {os.getppid()}\\)"):
+        with run_lock(str(tmp_path)):
+            pass
+    assert lock.exists()
+    lock.unlink()
+    # A start that fails (a full disk) leaves no lock to wedge the next.
+    with pytest.raises(OSError):
+        with run_lock(str(tmp_path)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert os.listdir(tmp_path) == []
+
+
 def test_output_dir_of_another_run_is_refused_and_kept(nist_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert run_cli("train", "--data-dir", nist_dir, "--output", run, "--epochs", 1, *TINY) == 0
@@ -659,3 +690,33 @@ def test_init_from_starts_a_run_from_a_finished_runs_weights(nist_dir, tmp_path,
     assert not (tmp_path / "wide").exists()
     assert run_cli("train", "--data-dir", nist_dir, "--output", tmp_path / "none", "--init-from", tmp_path, *TINY) == 2
     assert "no Keras model there" in capsys.readouterr().err
+
+
+def test_a_full_disk_stops_training_and_export_in_one_line_and_leaves_nothing_half_written(
+        nist_dir, tmp_path, monkeypatch, capsys):
+    import keras
+    import tensorflow as tf
+
+    run = tmp_path / "run"
+    args = ["train", "--data-dir", nist_dir, "--output", run, "--epochs", 2, "--no-evaluate", *TINY]
+
+    def full(*a, **k):  # as h5py reports it
+        raise OSError("Can't synchronously write data (file write failed: errno = 28, error message = "
+                      "'No space left on device')")
+
+    monkeypatch.setattr(keras.Model, "save_weights", full)
+    assert run_cli(*args) == 4
+    err = capsys.readouterr().err.strip()
+    assert "no space left on device" in err and len(err.splitlines()) == 1, err
+    assert not [p for p in (run / "backup").iterdir()] and not (run / "run.lock").exists()
+    monkeypatch.undo()
+    assert run_cli(*args) == 0  # space freed: the same command completes
+
+    def full_tf(*a, **k):  # as TensorFlow's writer reports it
+        raise tf.errors.ResourceExhaustedError(None, None, "saved_model.pb.tmp; No space left on device")
+
+    monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", full_tf)
+    assert run_cli("export", run, "--output", tmp_path / "models") == 4
+    err = capsys.readouterr().err.strip()
+    assert "no space left on device" in err and len(err.splitlines()) == 1, err
+    assert os.listdir(tmp_path / "models" / "merged") == []  # no version, no temporary, no claim

@@ -214,3 +214,25 @@ def test_each_accuracy_lever_can_be_searched():
     # The objective is a share of the 16 validation images, from the best of the 2 epochs.
     assert result["val_accuracy"] * 16 == pytest.approx(round(result["val_accuracy"] * 16)) and (
         result["best_epoch"] in (1.0, 2.0))
+
+
+def test_ctrl_c_stops_the_search_and_its_trial_runs_again_on_resume(nist_dir, tmp_path, monkeypatch):
+    out = tmp_path / "search"
+    args = tune_args(nist_dir, out, "--max-trials", 2)
+    fail_on_nan = search_module.FailOnNaN
+
+    class CtrlC(keras.callbacks.Callback):
+        """Ctrl-C in a trial, as TensorFlow may hand it over: wrapped in an error of its own."""
+
+        def on_train_batch_end(self, batch, logs=None):
+            search_module.INTERRUPTED.set()
+            raise RuntimeError("UnknownError: KeyboardInterrupt")
+
+    monkeypatch.setattr(search_module, "FailOnNaN", CtrlC)
+    assert run_cli(*args) == 130  # interrupted: resumable, not a finished search
+    trial = json.loads((out / "merged-random" / "trial_0" / "trial.json").read_text())
+    assert trial["status"] == "RUNNING"  # not recorded as failed
+    monkeypatch.setattr(search_module, "FailOnNaN", fail_on_nan)
+    assert run_cli(*args) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert sorted(r["trial"] for r in rows) == ["0", "1"] and all(r["status"] == "COMPLETED" for r in rows)

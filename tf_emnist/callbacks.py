@@ -166,8 +166,13 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         (latest, meta), (prev, prev_meta) = self._pairs()
         os.makedirs(self.backup_dir, exist_ok=True)
         tmp = os.path.join(self.backup_dir, f".next-{os.getpid()}.weights.h5")
-        with self.saving():
-            self.model.save_weights(tmp, overwrite=True)
+        try:
+            with self.saving():
+                self.model.save_weights(tmp, overwrite=True)
+        except BaseException:  # a full disk, a kill: no half-written weights stay behind
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
         if os.path.exists(latest) and os.path.exists(meta):  # keep the last complete backup
             os.replace(meta, prev_meta)
             os.replace(latest, prev)

@@ -3,14 +3,15 @@ model or ensemble tf_emnist.sources reads. Reading them back is tf_emnist.source
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
 import tempfile
 
 from tf_emnist.config import TrainConfig
-from tf_emnist.files import (exchange_paths, file_digests, pid_alive, read_json, remove_stale_temporaries,
-                             write_json)
+from tf_emnist.files import (create_exclusive, disk_full, exchange_paths, file_digests, pid_alive, read_json,
+                             remove_stale_temporaries, write_json)
 from tf_emnist.sources import ENSEMBLE, EXPORT_INFO, EXTRA, TFLITE_FILE, ModelSource, load_source
 from tf_emnist.tasks import Task
 
@@ -128,18 +129,12 @@ def claim_version(task_dir: str, version: int | None, force: bool):
             if version is None:
                 continue
             raise ExportError(f"{target} already exists; pass --force to replace it or --version N for another version")
-        try:
-            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if version is None:
-                continue  # another export took this number first: take the next
-            raise ExportError(f"{target} is being written by another export (see {claim}); "
-                              "wait for it, or choose another --version") from None
-        except OSError as e:
-            raise ExportError(f"cannot write in {task_dir} ({e.strerror}); choose another --output") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        break
+        if create_exclusive(claim, str(os.getpid())):  # a full disk raises here, and leaves no claim
+            break
+        if version is None:
+            continue  # another export took this number first: take the next
+        raise ExportError(f"{target} is being written by another export (see {claim}); "
+                          "wait for it, or choose another --version")
     tmp = None
     try:
         remove_stale_temporaries(target)
@@ -264,7 +259,12 @@ def export_model(sources, output_root: str = "saved_models", *, version: int | N
             with open(os.path.join(tmp, TFLITE_FILE), "wb") as f:
                 f.write(contents)
         else:
-            archive.write_out(tmp, verbose=False)
+            try:
+                archive.write_out(tmp, verbose=False)
+            except Exception as e:  # TensorFlow reports a full disk as its own error
+                if disk_full(e):
+                    raise OSError(errno.ENOSPC, "No space left on device", target) from None
+                raise
         _write_extra(tmp, source, paths, format, quantize)
     log.info("exported %s to %s", " + ".join(paths), target)
     return target

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import ctypes
+import errno
 import glob
 import hashlib
 import json
@@ -55,6 +56,28 @@ def remove_stale_temporaries(path: str | os.PathLike) -> None:
             else:
                 with contextlib.suppress(OSError):
                     os.remove(tmp)
+
+
+def create_exclusive(path: str | os.PathLike, text: str) -> bool:
+    """Create `path` holding `text`, whole, unless it exists (then False). The text is written to a temporary
+    file first and linked into place, so no reader sees half of it, and a failed write leaves nothing."""
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether an error, whichever library raised it (h5py and TensorFlow raise their own), is a full disk."""
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
 
 
 def pid_alive(pid: int) -> bool:

@@ -8,10 +8,9 @@ import glob
 import json
 import logging
 import os
-import time
 
 from tf_emnist.config import AUTOMATIC, TrainConfig, config_from_dict
-from tf_emnist.files import pid_alive, read_json, read_json_object, write_csv, write_json
+from tf_emnist.files import create_exclusive, pid_alive, read_json, read_json_object, write_csv, write_json
 from tf_emnist.tasks import get_task
 
 CONFIG, STATE, STEPS, HISTORY, MODEL = "config.json", "train_state.json", "steps.csv", "history.csv", "model.keras"
@@ -73,43 +72,92 @@ def check_run_dir(run_dir: str, config: TrainConfig) -> bool:
                 f"{run_dir} already holds this finished run; see its metrics.json, or pass a new --output to train again"
             )
         return True
-    if os.path.isdir(run_dir) and set(os.listdir(run_dir)) - {LOCK}:
+    # A lock, or the temporaries of a start that was killed (hidden names), is no content.
+    if os.path.isdir(run_dir) and [name for name in os.listdir(run_dir) if name != LOCK and not name.startswith(".")]:
         raise RunDirError(f"{run_dir} is not empty and holds no tf-emnist run; pass a new or empty --output")
     return False
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: str):
-    """Hold run_dir/run.lock (this process's pid) while training; a second trainer is refused.
+    """Hold run_dir/run.lock while training; a second trainer is refused.
 
-    A lock whose process is gone (killed) is stale and taken over.
+    The lock names its owner: host, boot, pid and the process's start time, written whole
+    before the lock appears (a temporary file linked into place), so no reader sees half of
+    one and a start that fails leaves none. A lock whose owner is gone (killed, or the machine
+    rebooted, whoever holds its pid now) is stale and taken over. The lock goes on every exit.
     """
-    path = os.path.join(run_dir, LOCK)
+    path, me = os.path.join(run_dir, LOCK), lock_owner()
     for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        if create_exclusive(path, json.dumps(me)):
             break
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    pid = int(f.read().strip() or 0)
-                age = time.time() - os.path.getmtime(path)
-            except (OSError, ValueError):
-                pid, age = 0, float("inf")
-            if (pid and pid_alive(pid)) or (not pid and age < 10):  # no pid yet: its holder is writing it
-                raise RunDirError(f"{run_dir} is being trained by another process (pid {pid or 'starting'}); "
-                                  "wait for it, or pass another --output") from None
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+        holder = _read_lock(path)
+        if holder is not None and _owner_runs(holder, me):
+            where = "" if holder.get("host") == me["host"] else f" on {holder.get('host')}"
+            raise RunDirError(f"{run_dir} is being trained by another process (pid {holder.get('pid')}{where}); "
+                              f"wait for it, or pass another --output (remove {path} if no tf-emnist runs there)")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
     else:
         raise RunDirError(f"{run_dir}: cannot take its lock {path}; remove it if no tf-emnist runs there")
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
     try:
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+        if _read_lock(path) == me:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
+def lock_owner(pid: int | None = None) -> dict:
+    """What tells a process apart, beyond its pid: its host, the host's boot, the process's start time."""
+    import socket
+
+    pid = os.getpid() if pid is None else pid
+    return {"pid": pid, "host": socket.gethostname(), "boot": _read_text("/proc/sys/kernel/random/boot_id"),
+            "started": _process_start(pid)}
+
+
+def _owner_runs(holder: dict, me: dict) -> bool:
+    """Whether the lock's owner still runs. Another host's cannot be told, so it counts as running."""
+    if holder.get("host") != me["host"]:
+        return True
+    if holder.get("boot") and me["boot"] and holder["boot"] != me["boot"]:
+        return False  # the machine rebooted since
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or not pid_alive(pid):
+        return False
+    return not holder.get("started") or holder["started"] == _process_start(pid)  # not a reused pid
+
+
+def _read_lock(path: str) -> dict | None:
+    """The owner a lock names (a lock of older tf-emnist holds its pid alone), or None if it names none."""
+    try:
+        text = open(path).read().strip()
+    except OSError:
+        return None
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return None
+    return {"pid": holder, "host": lock_owner()["host"]} if isinstance(holder, int) else (
+        holder if isinstance(holder, dict) else None)
+
+
+def _process_start(pid: int) -> int | None:
+    """When the process started, in clock ticks since boot (Linux /proc), or None where unknown."""
+    stat = _read_text(f"/proc/{pid}/stat")
+    try:
+        return int(stat.rsplit(")", 1)[1].split()[19]) if stat else None
+    except (IndexError, ValueError):
+        return None
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def read_csv(path: str, numeric: tuple[str, ...] = ()) -> list[dict]:

@@ -4,10 +4,13 @@ Imports Keras and keras-tuner: the command line imports this module only to tune
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 import time
 
 import keras
@@ -24,6 +27,31 @@ log = logging.getLogger("tf_emnist")
 
 TUNERS = ("random", "bayesian", "hyperband")
 OBJECTIVE = "val_accuracy"
+# Set by Ctrl-C during a search. keras-tuner records a trial that raised an exception as failed and
+# goes on; an interrupt must stop the search instead, and leave its trial to run again on resume.
+INTERRUPTED = threading.Event()
+
+
+@contextlib.contextmanager
+def interrupts_stop_the_search():
+    """Inside, Ctrl-C (SIGINT) sets INTERRUPTED before Python raises KeyboardInterrupt, wherever it lands."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def interrupted(number, frame):
+        INTERRUPTED.set()
+        if callable(previous):
+            previous(number, frame)
+        raise KeyboardInterrupt
+
+    INTERRUPTED.clear()
+    signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class FailOnNaN(keras.callbacks.Callback):
@@ -66,8 +94,13 @@ class EmnistHyperModel(kt.HyperModel):
         stop = ([keras.callbacks.EarlyStopping(monitor=OBJECTIVE, mode="max", patience=self.patience)]
                 if self.patience else [])
         start = time.perf_counter()
-        history = fit_model(model, config, train_batches, val_batches, verbose=verbose,
-                            callbacks=[*lever_callbacks(config), *callbacks, *stop, FailOnNaN()], **kwargs).history
+        try:
+            history = fit_model(model, config, train_batches, val_batches, verbose=verbose,
+                                callbacks=[*lever_callbacks(config), *callbacks, *stop, FailOnNaN()], **kwargs).history
+        except Exception:
+            if INTERRUPTED.is_set():  # Ctrl-C, arrived wrapped in another error: the trial is not a failure
+                raise KeyboardInterrupt from None
+            raise
         scores = history[OBJECTIVE]
         best = int(np.argmax(scores))
         return {OBJECTIVE: float(scores[best]), "val_loss": float(history["val_loss"][best]),
@@ -220,8 +253,9 @@ def run_search(base: TrainConfig, space: dict, *, tuner_kind: str = "random", ma
     role = os.environ.get("KERASTUNER_TUNER_ID", "")
     # keras-tuner adds HParams to TensorBoard's logs, which TensorFlow writes (none on JAX)
     logs = [] if on_jax() else [keras.callbacks.TensorBoard(os.path.join(output, "tensorboard"))]
-    tuner.search((images, labels, train_idx), (images, labels, val_idx), epochs=max_epochs, verbose=verbose,
-                 callbacks=logs)
+    with interrupts_stop_the_search():
+        tuner.search((images, labels, train_idx), (images, labels, val_idx), epochs=max_epochs, verbose=verbose,
+                     callbacks=logs)
     if role.startswith("tuner"):  # a worker: the chief writes the results
         return None
     rows = trial_rows(tuner)
