@@ -9,6 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 import pytest
 
+from tf_emnist.nist import idx_bytes
 from tf_emnist.tasks import BYMERGE_CHARS
 
 REAL_DATA_ENV = "TF_EMNIST_DATA_DIR"
@@ -42,12 +43,6 @@ def seed():
     import keras
 
     keras.utils.set_random_seed(1234)
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """An IDX file of a uint8 array: 0x0000, type 0x08, ndim, big-endian dims, data."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    return header + np.ascontiguousarray(array, np.uint8).tobytes()
 
 
 def make_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -83,3 +83,17 @@ def test_strokes_on_the_pad_are_recognised(browser, pad_url, tmp_path):
     browser.save_screenshot(str(screenshot))
     print(f"screenshot: {screenshot}")
     assert screenshot.stat().st_size > 1000
+
+
+def test_the_readme_screenshot_is_made_from_what_make_serve_serves(browser, tmp_path):
+    """scripts/make_screenshot.py draws a 4 on the pad of `tf-emnist serve saved_models/merged` (make serve)."""
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    shot = tmp_path / "pad.png"
+    done = subprocess.run([sys.executable, os.path.join(root, "scripts", "make_screenshot.py"), "--output", shot],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    version = os.path.basename(shipped("merged"))
+    assert f"answered '4'; Model: merged v{version} (SavedModel" in done.stdout and shot.stat().st_size > 10_000

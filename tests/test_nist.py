@@ -100,3 +100,30 @@ def test_provenance_by_sha256(nist_dir):
         # The fake mapping is written exactly as NIST's, so its checksum must match.
         assert hashlib.sha256(f.read()).hexdigest() == OFFICIAL_SHA256["emnist-bymerge-mapping.txt"]
     assert folder.provenance["emnist-bymerge-mapping.txt"] == "official"
+
+
+def test_the_sample_script_draws_a_seeded_share_of_train_as_nist_files(tmp_path):
+    """scripts/sample_train.py: a train sample the size of the results' subset, and the whole test split."""
+    import subprocess
+    import sys
+
+    from tf_emnist.config import TrainConfig
+    from tf_emnist.data import load_split
+    from tf_emnist.tasks import get_task
+
+    source = write_nist_folder(tmp_path / "full", n_train=1000, n_test=50)
+    root = os.path.join(os.path.dirname(__file__), "..")
+    outs = []
+    for name in ("a", "b"):
+        outs.append(str(tmp_path / name))
+        subprocess.run([sys.executable, os.path.join(root, "scripts", "sample_train.py"), outs[-1], "--data-dir",
+                        source], check=True, capture_output=True, timeout=120)
+    task = get_task("merged")
+    full_images, full_labels = load_split(task, "train", TrainConfig(data_dir=source))
+    images, labels = load_split(task, "train", TrainConfig(data_dir=outs[0]))
+    assert len(labels) == round(1000 * 123_029 / 697_932)
+    rows = {image.tobytes(): label for image, label in zip(full_images, full_labels)}
+    assert all(rows[image.tobytes()] == label for image, label in zip(images, labels))  # real pairs, kept together
+    again, _ = load_split(task, "train", TrainConfig(data_dir=outs[1]))
+    np.testing.assert_array_equal(again, images)  # the seed fixes the draw
+    assert len(load_split(task, "test", TrainConfig(data_dir=outs[0]))[1]) == 50

@@ -57,6 +57,31 @@ def parse_idx(data: bytes, ndim: int, name: str) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX file of a uint8 array: 0x0000, type 0x08, ndim, big-endian dims, the data."""
+    header = bytes([0, 0, _IDX_DTYPE, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + np.ascontiguousarray(array, np.uint8).tobytes()
+
+
+def write_split(folder: str | os.PathLike, split: str, part: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """NIST's two gzip files of a split's part (images as stored, the split's labels), written atomically."""
+    from tf_emnist.files import atomic_path
+
+    for kind, array in (("images", images), ("labels", labels)):
+        with atomic_path(os.path.join(folder, file_name(split, part, kind))) as tmp:
+            with gzip.open(tmp, "wb", compresslevel=6) as f:
+                f.write(idx_bytes(array))
+
+
+def write_mapping(folder: str | os.PathLike, split: str, chars: str) -> None:
+    """emnist-<split>-mapping.txt: each label and its character's code, as NIST writes it."""
+    from tf_emnist.files import atomic_path
+
+    with atomic_path(os.path.join(folder, f"emnist-{split}-mapping.txt")) as tmp:
+        with open(tmp, "w", newline="") as f:
+            f.writelines(f"{i} {ord(c)}\r\n" for i, c in enumerate(chars))
+
+
 class NistFolder:
     """The files of one EMNIST split in a folder of NIST files, or in NIST's gzip.zip.
 
