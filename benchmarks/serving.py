@@ -9,7 +9,6 @@ Usage: python benchmarks/serving.py MODEL [MODEL...] [--requests 200] [--output 
 """
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys

@@ -16,7 +16,8 @@ import time
 import keras
 import numpy as np
 
-from tf_emnist.files import atomic_path, read_json, write_csv, write_json
+from tf_emnist.config import TrainConfig
+from tf_emnist.files import atomic_path, write_csv, write_json
 from tf_emnist.runs import HISTORY, MODEL, STATE, STEPS, backups, read_csv, read_state
 
 log = logging.getLogger("tf_emnist")

@@ -13,7 +13,6 @@ from tf_emnist.config import TrainConfig
 from tf_emnist.files import (create_exclusive, disk_full, exchange_paths, file_digests, pid_alive, read_json,
                              remove_stale_temporaries, write_json)
 from tf_emnist.sources import ENSEMBLE, EXPORT_INFO, EXTRA, TFLITE_FILE, ModelSource, load_source
-from tf_emnist.tasks import Task
 
 log = logging.getLogger("tf_emnist")
 

@@ -459,6 +459,13 @@ def is_model(path: str | os.PathLike) -> bool:
     return source_class(newest_version(path)) is not None
 
 
+def keras_file(path: str | os.PathLike) -> str | None:
+    """The .keras file of a run directory, or `path` itself if it is one; None where there is none."""
+    path = os.fspath(path)
+    file = os.path.join(path, KERAS_FILE) if os.path.isdir(path) else path
+    return file if os.path.isfile(file) and file.endswith(".keras") else None
+
+
 def read_task(path: str | os.PathLike) -> str | None:
     """The task a model answers, from its recorded settings, without loading it (None: no model there)."""
     path = newest_version(path)

@@ -12,7 +12,7 @@ import numpy as np
 from tf_emnist.backend import Cluster
 from tf_emnist.config import AUTOMATIC, TrainConfig, config_from_dict
 from tf_emnist.files import read_json, save_figure, sha256_file, write_json
-from tf_emnist.runs import (BACKUP, CONFIG, HISTORY, INIT, MODEL, STATE, STEPS, RunDirError, backup_epoch,
+from tf_emnist.runs import (BACKUP, CONFIG, HISTORY, INIT, STATE, STEPS, RunDirError, backup_epoch,
                             check_run_dir, read_csv, read_history, read_state, record_environment, repair_history,
                             run_lock)
 from tf_emnist.tasks import Task, get_task
@@ -239,8 +239,10 @@ def _recorded_config(run_dir: str, cluster: Cluster) -> TrainConfig:
 
 def init_model_path(source: str) -> str:
     """The .keras file that --init-from names: the file itself, or a run directory's model."""
-    path = os.path.join(source, MODEL) if os.path.isdir(source) else source
-    if not (os.path.isfile(path) and path.endswith(".keras")):
+    from tf_emnist.sources import keras_file
+
+    path = keras_file(source)
+    if path is None:
         raise ValueError(f"--init-from {source}: no Keras model there; give a finished run directory or a .keras file")
     return path
 
