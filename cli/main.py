@@ -273,7 +273,7 @@ def cmd_tasks(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tf_emnist import __version__
+    from tf_emnist.version import __version__
 
     parser = Parser(prog="tf-emnist", description="Stacked-LSTM handwritten character recognition on EMNIST.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

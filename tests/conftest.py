@@ -39,6 +39,15 @@ def pytest_configure(config):
 
 
 @pytest.fixture(autouse=True)
+def environment():
+    """Each test starts from the same environment variables (a command may set some, e.g. keras-tuner's)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def seed():
     import keras
 

@@ -90,7 +90,8 @@ def test_jax_trains_resumes_and_evaluates_without_tensorflow_and_tensorflow_expo
     config = json.loads((run / "config.json").read_text())
     state = json.loads((run / "train_state.json").read_text())
     assert config["backend"] == "jax" and not config["lstm_kernel"]
-    assert [e["backend"] for e in state["environments"]] == ["jax", "jax"] and "tensorflow" not in state["environments"][0]
+    assert [e["backend"] for e in state["environments"]] == ["jax", "jax"]
+    assert "tensorflow" not in state["environments"][0]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test_examples"] == 120
     for plot in ("loss_steps.png", "loss_epochs.png", "accuracy_epochs.png", "confusion.png"):

@@ -39,8 +39,8 @@ def test_gpu_check_script_runs_its_smoke_mode_without_tensorflow():
     from tests.test_backends import WITHOUT_TENSORFLOW
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = WITHOUT_TENSORFLOW.replace("from tf_emnist.cli.main import run\nrun(sys.argv[1:])",
-                                        "import runpy\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')")
+    run_script = "import runpy\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')"
+    script = WITHOUT_TENSORFLOW.replace("from tf_emnist.cli.main import run\nrun(sys.argv[1:])", run_script)
     done = subprocess.run([sys.executable, "-c", script, os.path.join("scripts", "gpu_check.py"), "--smoke",
                            "--rounds", "2"], cwd=root, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""})

@@ -276,6 +276,8 @@ def test_tflite_quantized_exports_shrink_and_stay_close_to_the_float_model(tmp_p
     path = capsys.readouterr().out.strip()
     assert source_class(path) is TFLiteSource
     with open(os.path.join(path, "assets.extra", "export.json")) as f:
-        assert json.load(f) == {"format": "tflite", "quantize": "dynamic"}
+        info = json.load(f)
+    assert {k: v for k, v in info.items() if k != "files"} == {"format": "tflite", "quantize": "dynamic"}
+    assert info["files"]["model.tflite"]["bytes"] == os.path.getsize(os.path.join(path, "model.tflite"))
     assert run_cli("export", run, "--output", tmp_path, "--quantize", "dynamic") == 2
     assert "is for TFLite exports; add --format tflite" in capsys.readouterr().err

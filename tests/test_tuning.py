@@ -54,6 +54,8 @@ def test_space_overrides_narrow_and_are_checked():
     with pytest.raises(ValueError, match="unknown hyperparameter 'hidden_size'"):
         resolve_space(dict([parse_override("hidden_size=64")]))
     with pytest.raises(ValueError, match="log sampling"):
+        resolve_space({"weight_decay": {"min": 0, "max": 0.1, "sampling": "log"}})
+    with pytest.raises(ValueError, match=r"learning_rate must be in \(0, 1\]"):
         resolve_space(dict([parse_override("learning_rate=0:0.1")]))
 
 

@@ -301,7 +301,8 @@ def training_measures(config: TrainConfig, steps: int, baseline: str, backends) 
         measures["train_xla_float32"] = lambda: training_samples_per_s(plain, images, labels, steps)
     for backend in backends:
         if backend != "tensorflow":
-            measures[f"{backend}_train"] = lambda backend=backend: backend_training_samples_per_s(backend, config, steps)
+            measures[f"{backend}_train"] = (lambda backend=backend:
+                                            backend_training_samples_per_s(backend, config, steps))
     if os.path.exists(baseline):
         measures["torch"] = lambda: torch_figures(baseline, config.task, steps)
     return measures

@@ -32,7 +32,8 @@ class TrainConfig:
     num_layers: int = _field(3, "stacked LSTM layers", hyper=True)
     dropout: float = _field(0.2, "dropout rate on the last LSTM output", hyper=True)
     learning_rate: float = _field(1e-3, "Adam(W) learning rate", hyper=True)
-    batch_size: int = _field(256, "batch size: images a training step reads, across every device and process", hyper=True)
+    batch_size: int = _field(256, "batch size: images a training step reads, across every device and process",
+                             hyper=True)
     epochs: int = _field(7, "training epochs", hyper=True)
     seed: int = _field(0, "seed for weights, shuffling, augmentation and dropout (and the validation "
                           "carve-out, unless --validation-seed)")
@@ -81,8 +82,8 @@ class TrainConfig:
                                        "tensorflow; a resumed run keeps its own)")
     log_every: int = _field(1000, "print and record the batch loss every N steps")
     deterministic: bool = _field(False, "enable TensorFlow op determinism (slower; bit-exact reruns)")
-    jit_compile: bool | None = _field(None, "compile the train step with XLA (default: on JAX always; on TensorFlow on a "
-                                            "CPU, not on a GPU, where cuDNN is faster)")
+    jit_compile: bool | None = _field(None, "compile the train step with XLA (default: on JAX always; on TensorFlow "
+                                            "on a CPU, not on a GPU, where cuDNN is faster)")
     lstm_kernel: bool | None = _field(
         None, "train the LSTMs with tf-emnist's kernel: each half of the batch as its own LSTM, side by side, "
               "the recurrences in XLA, the large matmuls over all 28 steps through oneDNN; inference and the "

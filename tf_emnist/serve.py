@@ -1,7 +1,11 @@
-"""`tf-emnist serve`: TensorFlow Serving's REST API, image uploads and a drawing pad, with request batching."""
+"""`tf-emnist serve`: TensorFlow Serving's REST API, image uploads and a drawing pad, with request batching.
+
+Needs the serve extra (Starlette, uvicorn): the command line imports this module only to serve.
+"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -9,6 +13,12 @@ from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
+from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
 
 from tf_emnist.predict import ImageError, characters_in, describe, read_image
 from tf_emnist.predict import DEFAULT_TOP_K
@@ -230,8 +240,6 @@ def _servable(request) -> ServedModel:
 
 async def model_status(request):
     """GET /v1/models/NAME[/versions/N]."""
-    from starlette.responses import JSONResponse
-
     model = _servable(request)
     return JSONResponse({"model_version_status": [{
         "version": str(model.version), "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]})
@@ -239,15 +247,11 @@ async def model_status(request):
 
 async def model_metadata(request):
     """GET /v1/models/NAME[/versions/N]/metadata."""
-    from starlette.responses import JSONResponse
-
     return JSONResponse(signature_metadata(_servable(request)))
 
 
 async def rest_predict(request):
     """POST /v1/models/NAME[/versions/N]:predict, TF Serving's row or columnar format."""
-    from starlette.responses import JSONResponse
-
     model = _servable(request)
     images, _, row = parse_predict_request(await read_body(request))
     logits = await request.app.state.batcher.logits(images)
@@ -256,8 +260,6 @@ async def rest_predict(request):
 
 async def upload_predict(request):
     """POST /predict: multipart image files (field `files`); options segment and top_k (query or form)."""
-    from starlette.responses import JSONResponse
-
     model, batcher = request.app.state.model, request.app.state.batcher
     files, segment, top_k = await read_uploads(request, len(model.class_names))
     answers = []
@@ -270,8 +272,6 @@ async def upload_predict(request):
 
 
 async def index(request):
-    from starlette.responses import HTMLResponse
-
     return HTMLResponse(page(request.app.state.model))
 
 
@@ -308,8 +308,6 @@ async def read_uploads(request, classes: int) -> tuple[list[tuple[str, bytes]], 
 # -- errors: each carries its HTTP status
 
 def _error(message: str, status: int):
-    from starlette.responses import JSONResponse
-
     return JSONResponse({"error": message}, status_code=status)
 
 
@@ -334,32 +332,27 @@ async def http_error(request, e):
 
 async def client_gone(request, e):
     """The client left mid-request: nobody to answer, nothing to report."""
-    from starlette.responses import Response
-
     log.debug("a client disconnected during %s %s", request.method, request.url.path)
     return Response(status_code=400)
 
 
+class ServableName(Convertor):
+    """A model's name in a path: it stops before ":predict"."""
+
+    regex = "[^/:]+"
+
+    def convert(self, value):
+        return value
+
+    def to_string(self, value):
+        return value
+
+
+register_url_convertor("servable", ServableName())
+
+
 def create_app(model: ServedModel, *, max_batch_size: int = 64, batch_timeout_ms: float = 2.0):
     """The Starlette application: TF Serving's REST API, POST /predict for image files, and GET /."""
-    import contextlib
-
-    from starlette.applications import Starlette
-    from starlette.convertors import Convertor, register_url_convertor
-    from starlette.exceptions import HTTPException
-    from starlette.requests import ClientDisconnect
-    from starlette.routing import Route
-
-    class ServableName(Convertor):  # a model name stops before ":predict"
-        regex = "[^/:]+"
-
-        def convert(self, value):
-            return value
-
-        def to_string(self, value):
-            return value
-
-    register_url_convertor("servable", ServableName())
     batcher = Batcher(model, max_batch_size, batch_timeout_ms)
 
     @contextlib.asynccontextmanager

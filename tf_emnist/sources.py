@@ -297,7 +297,7 @@ class SavedModelSource(ExportSource):
         tf = _tensorflow(self)
         try:
             self.saved_model = tf.saved_model.load(path)
-        except Exception as e:  # damaged files, whatever TensorFlow's reader raises (an export's record finds most first)
+        except Exception as e:  # damaged files, whatever TensorFlow's reader raises (the record finds most first)
             raise SourceError(f"{path} cannot be loaded ({e.__class__.__name__}): its files are damaged; export it "
                               "again, or restore it from a copy") from None
 

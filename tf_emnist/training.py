@@ -46,7 +46,7 @@ class Devices:
 def training_devices(config: TrainConfig, cluster: Cluster) -> Devices:
     """JAX: keras.distribution.DataParallel over every device of every process (none for one device).
     TensorFlow: the tf.distribute strategy of `config.strategy` (tf_emnist.backend.tf_strategy)."""
-    from tf_emnist import backend
+    import tf_emnist.backend as backend
 
     if not backend.on_jax():
         strategy = backend.tf_strategy(config.strategy)
@@ -67,7 +67,7 @@ def _callbacks(run_dir: str, config: TrainConfig, steps_per_epoch: int, save_mod
     """The run's callbacks, in order: the step log, the levers', the best model, the logs, the backup."""
     import keras
 
-    from tf_emnist import callbacks
+    import tf_emnist.callbacks as callbacks
     from tf_emnist.backend import on_jax
     from tf_emnist.callbacks import lever_callbacks
 
@@ -119,7 +119,7 @@ GO, FAILED, FINISHED = 0, 1, 2
 
 
 def _run(config: TrainConfig, run_dir: str, verbose, cluster: Cluster, evaluate: bool) -> dict:
-    from tf_emnist import backend
+    import tf_emnist.backend as backend
 
     backend.check_backend_settings(config)
     backend.join(cluster)
