@@ -392,9 +392,9 @@ def _add_export(sub) -> None:
                         help="savedmodel (default), or tflite: OUTPUT/<task>-tflite/<version>/model.tflite, "
                              "built-in ops only, any batch size; from run directories")
     export.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
-                        help="TFLite only: dynamic (int8 weights and matmuls: 3.4x smaller, 2-2.6x faster on an "
-                             "AVX512-VNNI CPU; check its accuracy with `tf-emnist evaluate --split validation`), "
-                             "or float16 (2x smaller, float32's speed)")
+                        help="TFLite only: dynamic (int8 weights and matmuls: smaller, and faster where the CPU has "
+                             "int8 units, docs/export.md; check its accuracy with `tf-emnist evaluate --split "
+                             "validation`), or float16 (half the size, float32's speed)")
     export.set_defaults(func=cmd_export)
 
 

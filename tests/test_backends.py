@@ -112,6 +112,19 @@ def test_jax_trains_resumes_and_evaluates_without_tensorflow_and_tensorflow_expo
     np.testing.assert_allclose(tflite.logits(images), on_jax, atol=1e-5)
     assert load_source(str(run)).logits(images).argmax(1).tolist() == on_jax.argmax(1).tolist()
 
+    # Distillation on JAX: from a run directory's model, which JAX runs itself; and from an export, whose
+    # logits TensorFlow computed into the run's cache before a resume that has no TensorFlow.
+    student = ["train", "--backend", "jax", "--data-dir", nist_dir, "--no-evaluate", *TINY]
+    finish(tf_emnist(*student, "--output", tmp_path / "from-run", "--epochs", 1, "--teacher", run, tensorflow=False))
+    assert (tmp_path / "from-run" / "teacher_logits.npy").exists()
+    cached = [*student, "--output", tmp_path / "from-export", "--epochs", 3, "--teacher", saved.path]
+    first = tf_emnist(*cached)
+    wait_for_backup(tmp_path / "from-export", 1, [first])
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert "resuming the run" in finish(tf_emnist(*cached, tensorflow=False))
+    assert json.loads((tmp_path / "from-export" / "train_state.json").read_text())["finished"]
+
 
 @pytest.mark.slow
 def test_two_processes_train_as_one_and_resume_together_after_a_kill(nist_dir, tmp_path):
