@@ -18,14 +18,14 @@ import itertools
 import os
 
 from tf_emnist.evaluate import evaluate_runs
-from tf_emnist.export import is_export
 from tf_emnist.files import write_csv
+from tf_emnist.sources import keras_file
 
 
 def member_name(path: str) -> str:
     """runs/best-merged -> best-merged; saved_models/merged/5 -> merged-v5."""
     path = os.path.normpath(path)
-    if is_export(path):
+    if keras_file(path) is None:  # an export
         return f"{os.path.basename(os.path.dirname(path))}-v{os.path.basename(path)}"
     return os.path.basename(path)
 

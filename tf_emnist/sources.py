@@ -5,7 +5,7 @@ training config, `logits` of uint8 images, its own test figures, and for exporti
 serving a TensorFlow serving function or its Keras models. Formats: a run directory
 (model.keras, any backend), a SavedModel and a TFLite file written by `tf-emnist export`,
 an ensemble of any of them, and a folder of numbered versions (its newest, as TensorFlow
-Serving reads a base path). A new format is one class here and a line in `load_source`.
+Serving reads a base path). A new format is one class here and its entry in FORMATS.
 """
 from __future__ import annotations
 
