@@ -20,7 +20,7 @@ train: $(VENV)/.installed  ## train TASK (default merged) with its study preset,
 test: $(VENV)/.installed  ## the test suite (fake data; real-data tests run when TF_EMNIST_DATA_DIR is set)
 	$(PY) -m pytest
 
-test-slow: $(VENV)/.installed  ## the slow tier: distributed tuning, the multi-worker check, the GPU script's smoke mode
+test-slow: $(VENV)/.installed  ## the slow tier: real processes, servers and a browser; JAX across processes; the GPU script's smoke mode
 	$(PY) -m pytest -m slow
 
 serve: $(VENV)/.installed  ## serve the shipped model on http://127.0.0.1:8501/
