@@ -43,27 +43,16 @@ def test_the_loss_is_cross_entropy_at_alpha_1_and_the_teacher_gap_at_alpha_0():
 
 
 def test_a_student_learns_from_a_teacher_export_resumes_and_records_it(teacher, tmp_path, monkeypatch):
-    import keras
-
-    from tf_emnist import training as train_module
+    from tests.test_train import interrupt_in_epoch_2
 
     data, export = teacher
     run = tmp_path / "student"
     args = ["train", "--data-dir", data, "--output", run, "--epochs", 3, "--no-evaluate", "--teacher", export,
             "--distill-temperature", 3, "--distill-alpha", 0.3, *TINY]
-    original = train_module._callbacks
-
-    class StopInEpoch2(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            if epoch == 1:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "_callbacks", lambda *a: original(*a) + [StopInEpoch2()])
-    assert run_cli(*args) == 130  # interrupted after epoch 1
+    interrupt_in_epoch_2(args, monkeypatch)  # interrupted after epoch 1
     cached = np.load(run / CACHE)
     assert cached.dtype == np.float16 and cached.shape == (240, 47)
     written = os.path.getmtime(run / CACHE)
-    monkeypatch.setattr(train_module, "_callbacks", original)
     assert run_cli(*args) == 0  # resumed: the teacher's outputs come from the cache
     assert os.path.getmtime(run / CACHE) == written and len(read_history(str(run))) == 3
     config = json.loads((run / "config.json").read_text())

@@ -110,11 +110,10 @@ def test_interrupted_run_resumes_where_it_stopped(nist_dir, tmp_path, monkeypatc
     assert json.loads((run / "train_state.json").read_text())["finished"]
 
 
-def interrupted_run(nist_dir, run, monkeypatch, epochs=3):
-    """A run stopped by Ctrl-C in its second epoch, after the backup of its first (the CLI's arguments)."""
+def interrupt_in_epoch_2(args, monkeypatch) -> None:
+    """Run `tf-emnist ARGS`, stopped by Ctrl-C as its second epoch begins (after the first one's backup)."""
     import keras
 
-    args = ["train", "--data-dir", nist_dir, "--output", run, "--epochs", epochs, "--no-evaluate", *TINY]
     original = train_module._callbacks
 
     class StopInEpoch2(keras.callbacks.Callback):
@@ -125,7 +124,6 @@ def interrupted_run(nist_dir, run, monkeypatch, epochs=3):
     monkeypatch.setattr(train_module, "_callbacks", lambda *a: original(*a) + [StopInEpoch2()])
     assert run_cli(*args) == 130
     monkeypatch.setattr(train_module, "_callbacks", original)
-    return args
 
 
 @pytest.mark.parametrize("damage", ["metadata empty", "metadata truncated", "state truncated", "history torn",
@@ -133,7 +131,8 @@ def interrupted_run(nist_dir, run, monkeypatch, epochs=3):
 def test_a_damaged_file_of_a_run_is_rebuilt_or_skipped_and_the_run_resumes(nist_dir, tmp_path, monkeypatch, caplog,
                                                                           damage):
     run = tmp_path / "run"
-    args = interrupted_run(nist_dir, run, monkeypatch)
+    args = ["train", "--data-dir", nist_dir, "--output", run, "--epochs", 3, "--no-evaluate", *TINY]
+    interrupt_in_epoch_2(args, monkeypatch)
     file = {"metadata": run / "backup" / "training_metadata.json", "state": run / "train_state.json",
             "history": run / "history.csv", "steps": run / "steps.csv"}[damage.split()[0]]
     if damage.endswith("empty"):
