@@ -316,14 +316,6 @@ def local_only():
         keras.distribution.set_distribution(saved)
 
 
-def broadcast_from_first(values: list[int]) -> list[int]:
-    """Process 0's `values` (small ints), in every process of the cluster."""
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    return [int(v) for v in multihost_utils.broadcast_one_to_all(np.asarray(values, np.int64))]
-
-
 def barrier(name: str) -> None:
     """Wait until every process of the cluster gets here."""
     from jax.experimental import multihost_utils

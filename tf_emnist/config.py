@@ -167,14 +167,24 @@ def out_of_range(name: str, value) -> str | None:
     return None
 
 
-def parameter_bound(config: "TrainConfig") -> int:
-    """The network's parameters for the task with the most classes (tf_emnist.model.expected_parameter_count)."""
+def lstm_parameter_count(input_dim: int, hidden_dim: int) -> int:
+    """Weights of one Keras LSTM layer: 4 gates x (input + recurrent kernels + one bias)."""
+    return 4 * (hidden_dim * (input_dim + hidden_dim) + hidden_dim)
+
+
+def expected_parameter_count(config: "TrainConfig", num_classes: int) -> int:
+    """Parameter count of tf_emnist.model.build_model(config, num_classes), from the formula."""
     directions = 2 if config.bidirectional else 1
-    width, total = 28, 0
+    total, width = 0, 28  # the features of a time step: a row of the image
     for _ in range(config.num_layers):
-        total += directions * 4 * (config.hidden_dim * (width + config.hidden_dim) + config.hidden_dim)
+        total += directions * lstm_parameter_count(width, config.hidden_dim)
         width = directions * config.hidden_dim
-    return total + (width + 1) * LARGEST_TASK
+    return total + width * num_classes + num_classes
+
+
+def parameter_bound(config: "TrainConfig") -> int:
+    """The network's parameters for the task with the most classes."""
+    return expected_parameter_count(config, LARGEST_TASK)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

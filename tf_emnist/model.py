@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from tf_emnist.config import TrainConfig
+from tf_emnist.config import TrainConfig, expected_parameter_count, lstm_parameter_count  # noqa: F401 (the model's)
 
 TIME_STEPS = FEATURES = 28
 
@@ -134,21 +134,6 @@ def compile_model(model, config: TrainConfig, steps_per_epoch: int = 1, *, track
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile,
                   steps_per_execution=steps_per_execution)
     return model
-
-
-def lstm_parameter_count(input_dim: int, hidden_dim: int) -> int:
-    """Weights of one Keras LSTM layer: 4 gates x (input + recurrent kernels + one bias)."""
-    return 4 * (hidden_dim * (input_dim + hidden_dim) + hidden_dim)
-
-
-def expected_parameter_count(config: TrainConfig, num_classes: int) -> int:
-    """Parameter count of build_model(config, num_classes), from the formula."""
-    directions = 2 if config.bidirectional else 1
-    total, width = 0, FEATURES
-    for _ in range(config.num_layers):
-        total += directions * lstm_parameter_count(width, config.hidden_dim)
-        width = directions * config.hidden_dim
-    return total + width * num_classes + num_classes
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
